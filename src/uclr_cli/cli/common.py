@@ -1,0 +1,76 @@
+"""What every command shares: global flags, consoles, error rendering, option parsing."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from uclr_cli.errors import ConfigError, UclrError
+
+
+@dataclass
+class State:
+    quiet: bool = False
+    verbose: bool = False
+
+
+STATE = State()
+
+
+def out() -> Console:
+    """Console for results (stdout)."""
+    return Console(highlight=False, soft_wrap=True)
+
+
+def err() -> Console:
+    """Console for errors, warnings and progress (stderr)."""
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def info(msg: str) -> None:
+    if not STATE.quiet:
+        err().print(msg)
+
+
+def warn(msg: str) -> None:
+    if not STATE.quiet:
+        err().print(f"[yellow]warning:[/] {msg}")
+
+
+class UclrGroup(TyperGroup):
+    """Renders UclrError as one line and exit 1; Ctrl-C as exit 130."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UclrError as e:
+            if STATE.verbose:
+                raise
+            print(f"error: {e.one_line()}", file=sys.stderr)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+
+
+def csv_list(value: str | None, option: str, cast=str) -> list | None:
+    """Parse 'a,b,c' into a list; a bad element names the option."""
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("empty list", option)
+    try:
+        return [cast(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"cannot read {value!r} as a list of {cast.__name__}", option) from None
+
+
+def drop_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}

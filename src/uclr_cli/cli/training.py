@@ -1,0 +1,176 @@
+"""Shared plumbing of the training commands: config merge, folders, progress, summary."""
+
+from __future__ import annotations
+
+import math
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from uclr_cli import checkpoint as ckpt
+from uclr_cli import config as cfgmod
+from uclr_cli.cli import common
+from uclr_cli.data.prepared import MANIFEST, load_prepared
+from uclr_cli.errors import ConfigError, DataError
+from uclr_cli.stages.common import EpochEvent, SeedResult
+
+PROJECT_FILE = "uclr.toml"
+
+
+def default_data_dir() -> Path:
+    """`data` from ./uclr.toml, else the only prepared folder under ./data/."""
+    proj = Path(PROJECT_FILE)
+    if proj.is_file():
+        try:
+            conf = tomllib.loads(proj.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"invalid TOML: {e}", proj) from None
+        if "data" in conf:
+            return Path(conf["data"])
+    found = sorted(p.parent for p in Path("data").glob(f"*/{MANIFEST}"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise DataError("no prepared folder under data/ (run `uclr prepare` or pass --data)", "--data")
+    raise DataError(f"several prepared folders under data/ ({', '.join(p.name for p in found)}); pass --data", "--data")
+
+
+def seeds_option(seeds: str | None, seed: int | None) -> list[int] | None:
+    if seeds is not None and seed is not None:
+        raise ConfigError("give --seeds or --seed, not both", "--seed")
+    if seed is not None:
+        return [seed]
+    return common.csv_list(seeds, "--seeds", int)
+
+
+def resolve(model: type[cfgmod.StageConfig], cli_values: dict[str, Any], config_file: Path | None):
+    """TOML values < explicitly given CLI flags; unknown keys are an error naming the key."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(cfgmod.read_toml(config_file))
+    given = common.drop_none(cli_values)
+    values.update(given)
+
+    def where_for(key: str) -> str:
+        if key in given or config_file is None:
+            return f"--{key.replace('_', '-')}" if key else "options"
+        return f"{config_file}, key '{key}'"
+
+    cfg = cfgmod.build(model, values, where_for)
+    data_dir = Path(cfg.data) if cfg.data is not None else default_data_dir()
+    data = load_prepared(data_dir)
+    run_dir = Path(cfg.run) if cfg.run is not None else Path("runs") / data.name
+    return cfg, data, run_dir
+
+
+def write_config(run_dir: Path, stage: str, cfg: cfgmod.StageConfig, data) -> None:
+    """Record the resolved config in RUN/config.json before training starts."""
+    path = run_dir / ckpt.CONFIG
+    payload: dict = {}
+    if path.is_file():
+        import json
+
+        try:
+            payload = json.loads(path.read_text())
+        except ValueError:
+            payload = {}
+    payload["dataset"] = {"name": data.name, "fingerprint": data.fingerprint}
+    payload[stage] = cfg.model_dump(mode="json", exclude={"data", "run"})
+    ckpt.write_json(path, payload)
+
+
+class Reporter:
+    """Per-epoch progress: a Rich bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, stage: str, total_seeds: int):
+        self.stage = stage
+        self.quiet = common.STATE.quiet
+        self.tty = sys.stdout.isatty()
+        self.console = common.out()
+        self.progress: Progress | None = None
+        self.task = None
+        self.total_seeds = total_seeds
+
+    def __enter__(self) -> "Reporter":
+        if self.tty and not self.quiet:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, ev: EpochEvent) -> None:
+        if self.quiet:
+            return
+        ndcg = "-" if ev.valid_ndcg is None or math.isnan(ev.valid_ndcg) else f"{ev.valid_ndcg:.4f}"
+        extra = "".join(f" {k}={v}" for k, v in ev.extra.items())
+        info = f"loss={ev.loss:.4f} valid_ndcg@10={ndcg} best={ev.best:.4f}@{ev.best_epoch} {ev.samples_per_s:,.0f}/s{extra}"
+        if self.progress is not None:
+            desc = f"{ev.stage} seed {ev.seed}"
+            if self.task is None or self.progress.tasks[self.task].description != desc:
+                self.task = self.progress.add_task(desc, total=ev.epochs, info="")
+            self.progress.update(self.task, completed=ev.epoch, info=info)
+        else:
+            self.console.print(f"{ev.stage} seed={ev.seed} epoch={ev.epoch}/{ev.epochs} {info}")
+
+
+def summary_table(stage: str, results: list[SeedResult], domains: list[str]) -> Table:
+    t = Table(title=f"{stage}: best validation NDCG@10 (%) per seed")
+    for col in ("seed", "best epoch", "epochs run", *domains, "mean", "seconds"):
+        t.add_column(col, justify="right")
+    for r in results:
+        cells = [f"{100 * r.per_domain[d]:.2f}" if d in r.per_domain and not math.isnan(r.per_domain[d]) else "-" for d in domains]
+        t.add_row(str(r.seed), str(r.best_epoch), str(r.epochs_run), *cells, f"{100 * r.best_score:.2f}", f"{r.seconds:.1f}")
+    return t
+
+
+def run_seeds(stage: str, seeds: list[int], fn: Callable[[int, Reporter], SeedResult | list[SeedResult]]) -> list[SeedResult]:
+    results: list[SeedResult] = []
+    with Reporter(stage, len(seeds)) as rep:
+        for s in seeds:
+            r = fn(s, rep)
+            results.extend(r if isinstance(r, list) else [r])
+    return results
+
+
+def print_summary(stage: str, results: list[SeedResult], domains: list[str], extra: list[Table] | None = None) -> None:
+    if common.STATE.quiet:
+        return
+    console = common.out()
+    console.print(summary_table(stage, results, domains))
+    for t in extra or []:
+        console.print(t)
+
+
+def merge_domains(results: list[SeedResult]) -> list[SeedResult]:
+    """One row per seed for per-domain stages (finetune): domains side by side."""
+    merged: dict[int, SeedResult] = {}
+    for r in results:
+        m = merged.get(r.seed)
+        if m is None:
+            merged[r.seed] = SeedResult(r.stage.split()[0], r.seed, r.path, r.best_epoch, r.best_score, r.epochs_run, r.seconds, dict(r.per_domain))
+            merged[r.seed].extra["best_epochs"] = {r.extra.get("domain"): r.best_epoch}
+            continue
+        m.per_domain.update(r.per_domain)
+        m.seconds += r.seconds
+        m.epochs_run = max(m.epochs_run, r.epochs_run)
+        m.extra["best_epochs"][r.extra.get("domain")] = r.best_epoch
+    for m in merged.values():
+        vals = [v for v in m.per_domain.values() if not math.isnan(v)]
+        m.best_score = sum(vals) / len(vals) if vals else math.nan
+        m.best_epoch = "/".join(str(e) for e in m.extra["best_epochs"].values())
+    return list(merged.values())

@@ -1,0 +1,1 @@
+"""Raw readers, the split and candidate logic, and the prepared-folder loader."""

@@ -1,0 +1,122 @@
+"""Losses: BPR, reconstruction, and the user-aware contrastive loss (paper §3.4, App. A).
+
+The contrastive loss follows iSogCLR (Qiu et al., ICML'23), which the paper
+builds on, with the open points fixed as in DESIGN §3:
+
+* per user i, with h_ik = sim(e_i, e'_k) - sim(e_i, e'_i) over the batch's
+  other users k, the objective is  τ_i·log(mean_k exp(h_ik/τ_i)) + ρ·τ_i.
+  The *mean* (eq. 9/12), not the sum of eq. 3: the sum shifts ρ by log(B-1)
+  and drives every τ to τ_min; without ρ every τ goes to τ_max.
+* g_i = mean_k exp(h_ik/τ_i) is tracked by a moving average u_i (FCCO),
+  kept as log u_i: with τ = 1e-5, exp(h/τ) overflows float32 once h > ~1e-3.
+* τ_i moves by momentum on its exact gradient, clipped, then projected to
+  [τ_min, τ_max]; no 1/|U| factor (with it τ never moves).
+
+Everything is a pure function of tensors; the state (τ, log u, momentum) is
+passed in and returned, so it can be checkpointed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Mean of -log σ(pos - neg), computed stably as softplus(neg - pos)."""
+    return F.softplus(neg - pos).mean()
+
+
+def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the squared L2 error ‖recon - target‖²."""
+    return (recon - target).pow(2).sum(dim=1).mean()
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sim[i, k] = cos(a_i, b_k); zero rows give 0 similarity, not NaN."""
+    return F.normalize(a, dim=1, eps=1e-12) @ F.normalize(b, dim=1, eps=1e-12).T
+
+
+def differences(sim: torch.Tensor) -> torch.Tensor:
+    """h[i, k] = sim[i, k] - sim[i, i] for k != i, as a (B, B-1) matrix."""
+    b = sim.shape[0]
+    off = ~torch.eye(b, dtype=torch.bool, device=sim.device)
+    return (sim - sim.diagonal().unsqueeze(1))[off].view(b, b - 1)
+
+
+def log_g(h: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """log mean_k exp(h_ik / τ_i), by logsumexp. ``tau`` is (B,) or a scalar."""
+    tau = tau.reshape(-1, 1) if tau.dim() else tau
+    return torch.logsumexp(h / tau, dim=1) - math.log(h.shape[1])
+
+
+def contrastive_objective(h: torch.Tensor, tau: torch.Tensor, rho: float) -> torch.Tensor:
+    """Per-user objective τ_i·log g_i + ρ·τ_i (differentiable in h and τ)."""
+    return tau * log_g(h, tau) + rho * tau
+
+
+@dataclass
+class ContrastStep:
+    """What one batch of the user-aware contrastive loss yields."""
+
+    surrogate: torch.Tensor  # scalar; its gradient w.r.t. the encoder is the FCCO estimate
+    value: torch.Tensor  # scalar; mean of τ_i·log g_i (for logging)
+    log_u: torch.Tensor  # (B,) updated moving averages (log space)
+    grad_tau: torch.Tensor  # (B,) per-user τ gradient estimate (before clipping)
+
+
+def user_aware_contrastive(
+    h: torch.Tensor,
+    tau: torch.Tensor,
+    log_u_prev: torch.Tensor,
+    *,
+    gamma: float,
+    rho: float,
+) -> ContrastStep:
+    """One FCCO step of the user-aware contrastive loss on a batch.
+
+    ``h`` (B, B-1) carries the graph to the encoder; ``tau`` (B,) is the batch
+    users' temperatures (detached state); ``log_u_prev`` (B,) their moving
+    averages (use -inf, or gamma=1, on the first visit). Returns the
+    surrogate whose gradient is mean_i mean_k w_ik ∇h_ik with
+    w_ik = exp(h_ik/τ_i - log u_i), i.e. τ_i/u_i·∇g_i of eq. 13, and the τ
+    gradient  log u_i + ρ - mean_k (h_ik/τ_i)·w_ik.
+    """
+    tau = tau.detach().reshape(-1)
+    with torch.no_grad():
+        z = h.detach() / tau[:, None]
+        lg = torch.logsumexp(z, dim=1) - math.log(h.shape[1])
+        if gamma >= 1.0:
+            log_u = lg
+        else:
+            log_u = torch.logaddexp(math.log1p(-gamma) + log_u_prev, math.log(gamma) + lg)
+        w = torch.exp(z - log_u[:, None])  # bounded by (B-1)/gamma since u >= gamma·g
+        grad_tau = log_u + rho - (z * w).mean(dim=1)
+    surrogate = (w * h).mean(dim=1).mean()
+    value = (tau * lg).mean()
+    return ContrastStep(surrogate=surrogate, value=value, log_u=log_u, grad_tau=grad_tau)
+
+
+def temperature_step(
+    tau: torch.Tensor,
+    momentum: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    lr: float,
+    beta: float,
+    clip: float,
+    tau_min: float,
+    tau_max: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Momentum step on τ with a clipped gradient, projected to [τ_min, τ_max].
+
+    ``beta`` is the weight of the new gradient in the moving average (the
+    paper's β0 in Algorithm 2, step 7).
+    """
+    g = grad.clamp(-clip, clip)
+    momentum = (1.0 - beta) * momentum + beta * g
+    tau = (tau - lr * momentum).clamp(tau_min, tau_max)
+    return tau, momentum

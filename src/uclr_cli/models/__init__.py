@@ -1,0 +1,1 @@
+"""Pure building blocks: embeddings, the dual-stream autoencoder, LoRA. No I/O."""

@@ -1,0 +1,229 @@
+"""The contrastive dual-stream autoencoder on the frozen PGE user table (paper §3.4).
+
+Stream 1 encodes E, stream 2 a masked copy E'; one set of weights serves
+both. ``temperature`` picks the variant: ``individual`` (UCL-AE, one τ per
+user), ``global`` (CL-AE, one learnable τ), ``none`` (plain AE, reconstruction
+only, single stream). Users are scored with Dec(Enc(E)) against the PGE items.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from uclr_cli import checkpoint as ckpt
+from uclr_cli.config import ContrastConfig, ContrastLossConfig
+from uclr_cli.data.prepared import Dataset, sha256_file
+from uclr_cli.data.split import DEFAULT_BUCKETS, bucket_index, bucket_labels
+from uclr_cli.losses import (
+    cosine_matrix,
+    differences,
+    reconstruction_loss,
+    temperature_step,
+    user_aware_contrastive,
+)
+from uclr_cli.models.autoencoder import AutoEncoder, mask_elements, mask_rows
+from uclr_cli.stages import common
+
+STAGE = "contrast"
+
+
+class TemperatureState:
+    """τ (per user, or one shared), its momentum, and log u per user: all checkpointed."""
+
+    def __init__(self, n_users: int, loss: ContrastLossConfig, device: torch.device):
+        n_tau = n_users if loss.temperature == "individual" else 1
+        self.individual = loss.temperature == "individual"
+        self.tau = torch.full((n_tau,), loss.tau_init, device=device)
+        self.tau_m = torch.zeros(n_tau, device=device)
+        self.log_u = torch.full((n_users,), -math.inf, device=device)
+        self.cfg = loss
+
+    def batch_tau(self, users: torch.Tensor) -> torch.Tensor:
+        return self.tau[users] if self.individual else self.tau.expand(len(users))
+
+    def update(self, users: torch.Tensor, log_u: torch.Tensor, grad_tau: torch.Tensor, train_tau: bool = True) -> None:
+        self.log_u[users] = log_u
+        if not train_tau:
+            return
+        c = self.cfg
+        kw = dict(lr=c.tau_lr, beta=c.tau_beta, clip=c.tau_grad_clip, tau_min=c.tau_min, tau_max=c.tau_max)
+        if self.individual:
+            self.tau[users], self.tau_m[users] = temperature_step(self.tau[users], self.tau_m[users], grad_tau, **kw)
+        else:
+            self.tau, self.tau_m = temperature_step(self.tau, self.tau_m, grad_tau.mean().reshape(1), **kw)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"tau": self.tau, "tau_momentum": self.tau_m, "log_u": self.log_u}
+
+    def load(self, t: dict[str, torch.Tensor]) -> None:
+        self.tau = t["tau"].to(self.tau.device).clone()
+        self.tau_m = t["tau_momentum"].to(self.tau.device).clone()
+        self.log_u = t["log_u"].to(self.tau.device).clone()
+
+
+def masked(x: torch.Tensor, loss: ContrastLossConfig, gen: torch.Generator) -> torch.Tensor:
+    if loss.mask == "row":
+        return mask_rows(x, loss.mask_ratio, gen)
+    return mask_elements(x, loss.mask_ratio, gen)
+
+
+def combined_loss(ae: AutoEncoder, x: torch.Tensor, users: torch.Tensor, temps: TemperatureState, loss: ContrastLossConfig, gen, first_epoch: bool):
+    """L_con (FCCO surrogate) + α·L_rec on a batch; returns (objective, reported value, step)."""
+    if loss.temperature == "none":  # the plain AE ablation: one stream, reconstruction only
+        rec = reconstruction_loss(ae(x), x)
+        return loss.alpha * rec, loss.alpha * rec.detach(), None
+    z1 = ae.encode(x)
+    z2 = ae.encode(masked(x, loss, gen))
+    h = differences(cosine_matrix(z1, z2))
+    step = user_aware_contrastive(
+        h, temps.batch_tau(users), temps.log_u[users], gamma=1.0 if first_epoch else loss.gamma, rho=loss.rho
+    )
+    rec = reconstruction_loss(ae.decode(z1), x) + reconstruction_loss(ae.decode(z2), x)
+    return step.surrogate + loss.alpha * rec, step.value + loss.alpha * rec.detach(), step
+
+
+def ae_tensors(ae: AutoEncoder) -> dict[str, torch.Tensor]:
+    return {f"ae.{k}": v for k, v in ae.state_dict().items()}
+
+
+def load_ae(ae: AutoEncoder, t: dict[str, torch.Tensor]) -> None:
+    ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
+
+
+def tau_by_bucket(tau: torch.Tensor, data: Dataset, edges=DEFAULT_BUCKETS) -> dict[str, float]:
+    """Mean τ of users grouped by their train interactions over all domains."""
+    if tau.numel() == 1:
+        return {"all": float(tau)}
+    counts = data.train_counts.sum(0).numpy()
+    b = bucket_index(counts, edges)
+    t = tau.cpu().numpy()
+    return {lab: float(t[b == i].mean()) if (b == i).any() else math.nan for i, lab in enumerate(bucket_labels(edges))}
+
+
+def run_seed(
+    cfg: ContrastConfig,
+    data: Dataset,
+    run_dir: Path,
+    seed: int,
+    *,
+    resume: bool = False,
+    progress: common.Progress | None = None,
+) -> common.SeedResult:
+    """Train one seed's autoencoder; writes ``contrast[-variant].safetensors`` (best on valid)."""
+    device = common.resolve_device(cfg.device)
+    out_dir = common.seed_dir(run_dir, seed)
+    pre_path = common.require(out_dir / ckpt.PRETRAIN, "pretrain checkpoint")
+    name = ckpt.CONTRAST[cfg.temperature]
+    best_path, state_path = out_dir / name, out_dir / ckpt.resume_name(name)
+    config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
+    timer = common.Timer()
+
+    users_e, items_e, pre_meta = common.load_pretrain(pre_path, data)
+    pre_sha = sha256_file(pre_path)
+    E, items = users_e.to(device), items_e.to(device)
+    dim = E.shape[1]
+    torch.manual_seed(seed)
+    ae = AutoEncoder(dim, cfg.hidden).to(device)
+    opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
+    temps = TemperatureState(data.n_users, cfg, device)
+    gen = common.generator(device, seed, 2)
+    meta_extra = dict(dim=dim, hidden=cfg.hidden, temperature=cfg.temperature, pretrain_sha256=pre_sha)
+
+    def score() -> dict[str, float]:
+        with torch.no_grad():
+            return common.valid_scores(data, ae(E), items, data.valid)
+
+    def save_best(epoch: int, best: float) -> None:
+        meta = common.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=best, **meta_extra)
+        ckpt.save(best_path, {**ae_tensors(ae), **temps.tensors()}, meta)
+
+    start, bad, best_epoch = 1, 0, 0
+    per_domain_best = score()  # epoch 0: the untrained autoencoder, for reference only
+    best = -math.inf
+    if resume and state_path.is_file():
+        t, meta = ckpt.load(state_path, stage=STAGE + "-resume", fingerprint=data.fingerprint, expect={"config": config, "seed": seed, "pretrain_sha256": pre_sha})
+        load_ae(ae, t)
+        temps.load(t)
+        opt.load_state_dict(_opt_state_from(t, opt))
+        gen.set_state(t["rng"].to(torch.uint8))
+        start, best, best_epoch, bad = meta["epoch"] + 1, meta["best_score"], meta["best_epoch"], meta["bad"]
+        per_domain_best = meta["per_domain"]
+        if meta.get("done"):
+            start = cfg.epochs + 1
+
+    n = data.n_users
+    epochs_run = start - 1
+    for epoch in range(start, cfg.epochs + 1):
+        epochs_run = epoch
+        t0 = common.Timer()
+        perm = torch.randperm(n, generator=gen, device=device)
+        total = torch.zeros((), device=device)
+        for s in range(0, n, cfg.batch_size):
+            b = perm[s : s + cfg.batch_size]
+            if len(b) < 2:  # a contrast needs at least one negative
+                continue
+            objective, value, step = combined_loss(ae, E[b], b, temps, cfg, gen, first_epoch=epoch == 1)
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            opt.step()
+            if step is not None:
+                temps.update(b, step.log_u, step.grad_tau)
+            total += value * len(b)
+        epoch_loss = float(total) / n
+        common.check_finite(epoch_loss, STAGE, seed, epoch)
+        speed = n / max(t0.elapsed(), 1e-9)
+        sc = None
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            per_domain = score()
+            sc = common.mean_score(per_domain)
+            if sc > best:
+                best, best_epoch, bad, per_domain_best = sc, epoch, 0, per_domain
+                save_best(epoch, best)
+            else:
+                bad += 1
+        done = bad >= cfg.patience or epoch == cfg.epochs
+        tensors = {**ae_tensors(ae), **temps.tensors(), **_opt_tensors(opt), "rng": gen.get_state()}
+        meta = common.base_meta(
+            STAGE + "-resume", data, seed, config, epoch=epoch, best_score=best, best_epoch=best_epoch, bad=bad,
+            per_domain=per_domain_best, done=done, **meta_extra,
+        )
+        ckpt.save(state_path, tensors, meta)
+        if progress:
+            extra = {"tau_mean": f"{float(temps.tau.mean()):.4f}"} if cfg.temperature != "none" else {}
+            progress(common.EpochEvent(STAGE, seed, epoch, cfg.epochs, epoch_loss, sc, speed, best, best_epoch, extra))
+        if done:
+            break
+    if not best_path.is_file():
+        best = common.mean_score(per_domain_best)
+        save_best(0, best)
+    best_t, _ = ckpt.load(best_path, stage=STAGE, fingerprint=data.fingerprint)
+    extra = {"variant": cfg.temperature}
+    if cfg.temperature != "none":
+        tau = best_t["tau"]
+        extra["tau_by_bucket"] = tau_by_bucket(tau, data)
+        extra["tau_min_max"] = (float(tau.min()), float(tau.max()))
+        extra["tau_at_bounds"] = float(((tau <= cfg.tau_min * (1 + 1e-6)) | (tau >= cfg.tau_max * (1 - 1e-6))).float().mean())
+    return common.SeedResult(STAGE, seed, best_path, best_epoch, best, epochs_run, timer.elapsed(), per_domain_best, extra)
+
+
+def _opt_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def _opt_state_from(t: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> dict:
+    sd = opt.state_dict()
+    state: dict = {}
+    for key, v in t.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    sd["state"] = state
+    return sd
+

@@ -1,0 +1,206 @@
+"""Domain-aware LoRA finetuning of the whole framework on one domain (paper §3.5).
+
+W = W0 + (α/r)·B·A with W0 the frozen PGE user table; users are scored with
+Dec(Enc(W)) against domain d's items. Loss: BPR on domain d's train
+interactions + the combined contrastive and reconstruction loss on W.
+Which further parts train (autoencoder, τ, domain d's items) is an option.
+Epoch 0 is the starting model (== the contrast model): if no epoch beats it on
+validation, the saved adapter is the zero one, and the summary says so.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from uclr_cli import checkpoint as ckpt
+from uclr_cli.config import ContrastConfig, FinetuneConfig
+from uclr_cli.data.prepared import Dataset, sha256_file
+from uclr_cli.models.autoencoder import AutoEncoder
+from uclr_cli.models.lora import LoRAEmbedding
+from uclr_cli.stages import common
+from uclr_cli.stages.contrast import TemperatureState, ae_tensors, combined_loss, load_ae
+from uclr_cli.stages.pretrain import NegativeSampler, bpr_objective
+from uclr_cli.optim import load_torch_optimizer_tensors, torch_optimizer_tensors
+
+STAGE = "finetune"
+
+
+def load_contrast(path: Path, data: Dataset, pre_sha: str, device):
+    """Autoencoder, temperature state and loss config of a contrast checkpoint."""
+    t, meta = ckpt.load(path, stage="contrast", fingerprint=data.fingerprint, expect={"pretrain_sha256": pre_sha})
+    ccfg = ContrastConfig(**meta["config"])
+    ae = AutoEncoder(meta["dim"], meta["hidden"]).to(device)
+    load_ae(ae, t)
+    temps = TemperatureState(data.n_users, ccfg, device)
+    temps.load(t)
+    return ae, temps, ccfg, meta
+
+
+def run_domain(
+    cfg: FinetuneConfig,
+    data: Dataset,
+    run_dir: Path,
+    seed: int,
+    domain: str,
+    *,
+    resume: bool = False,
+    progress: common.Progress | None = None,
+) -> common.SeedResult:
+    """Finetune one seed on one domain; writes ``finetune-<domain>.safetensors``."""
+    device = common.resolve_device(cfg.device)
+    d = data.domain_index(domain)
+    out_dir = common.seed_dir(run_dir, seed)
+    pre_path = common.require(out_dir / ckpt.PRETRAIN, "pretrain checkpoint")
+    con_path = common.require(out_dir / ckpt.CONTRAST["individual"], "contrast checkpoint")
+    name = ckpt.finetune_name(domain)
+    best_path, state_path = out_dir / name, out_dir / ckpt.resume_name(name)
+    config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds", "domain"})
+    timer = common.Timer()
+
+    users_e, items_e, _ = common.load_pretrain(pre_path, data)
+    pre_sha, con_sha = sha256_file(pre_path), sha256_file(con_path)
+    ae, temps, ccfg, _ = load_contrast(con_path, data, pre_sha, device)
+    lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
+    items = items_e.to(device).clone()
+    dom_items = torch.nn.Parameter(items[lo:hi].clone(), requires_grad=cfg.train_items)
+    gen = common.generator(device, seed, 3 + d)
+    init_gen = torch.Generator(device="cpu").manual_seed(seed * 7919 + d)
+    lora = LoRAEmbedding(users_e, cfg.rank, cfg.lora_alpha or float(cfg.rank), gen=init_gen).to(device)
+    ae.requires_grad_(cfg.train_ae)
+    params = {"lora.a": lora.lora_a, "lora.b": lora.lora_b}
+    if cfg.train_ae:
+        params.update({f"ae.{k}": p for k, p in ae.named_parameters()})
+    if cfg.train_items:
+        params["items"] = dom_items
+    opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
+    meta_extra = dict(domain=domain, rank=cfg.rank, dim=users_e.shape[1], pretrain_sha256=pre_sha, contrast_sha256=con_sha)
+
+    def item_table() -> torch.Tensor:
+        return torch.cat([items[:lo], dom_items.detach(), items[hi:]])
+
+    def score() -> dict[str, float]:
+        with torch.no_grad():
+            return common.valid_scores(data, ae(lora.weight()), item_table(), data.valid, [domain])
+
+    def trained_tensors() -> dict[str, torch.Tensor]:
+        out = {"lora_a": lora.lora_a, "lora_b": lora.lora_b}
+        if cfg.train_ae:
+            out.update(ae_tensors(ae))
+        if cfg.train_items:
+            out["domain_items"] = dom_items
+        if cfg.train_tau:
+            out.update(temps.tensors())
+        return out
+
+    def save_best(epoch: int, best: float) -> None:
+        meta = common.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=best, **meta_extra)
+        ckpt.save(best_path, trained_tensors(), meta)
+
+    per_domain_best = score()
+    best, best_epoch, bad, start = common.mean_score(per_domain_best), 0, 0, 1
+    if resume and state_path.is_file():
+        t, meta = ckpt.load(state_path, stage=STAGE + "-resume", fingerprint=data.fingerprint, expect={"config": config, "seed": seed, "contrast_sha256": con_sha, "domain": domain})
+        with torch.no_grad():
+            lora.lora_a.copy_(t["lora_a"])
+            lora.lora_b.copy_(t["lora_b"])
+            if cfg.train_ae:
+                load_ae(ae, t)
+            if cfg.train_items:
+                dom_items.copy_(t["domain_items"])
+        if cfg.train_tau:
+            temps.load(t)
+        load_torch_optimizer_tensors(opt, list(params), t)
+        gen.set_state(t["rng"].to(torch.uint8))
+        start, best, best_epoch, bad = meta["epoch"] + 1, meta["best_score"], meta["best_epoch"], meta["bad"]
+        per_domain_best = meta["per_domain"]
+        if meta.get("done"):
+            start = cfg.epochs + 1
+    else:
+        save_best(0, best)  # the zero adapter: exactly the contrast model
+
+    sel = data.train_domain == d
+    tu, ti = data.train_user[sel].to(device), data.train_item[sel].to(device)
+    td = torch.full_like(tu, d)
+    sampler = NegativeSampler(data, device)
+    n = len(tu)
+    epochs_run = start - 1
+    for epoch in range(start, cfg.epochs + 1):
+        epochs_run = epoch
+        t0 = common.Timer()
+        perm = torch.randperm(n, generator=gen, device=device)
+        total = torch.zeros((), device=device)
+        for s in range(0, n, cfg.batch_size):
+            idx = perm[s : s + cfg.batch_size]
+            u, i = tu[idx], ti[idx]
+            j = sampler(u, td[idx], gen)
+            rep = ae(lora.rows(u))
+            pi = dom_items[i - lo] if cfg.train_items else items[i]
+            pj = dom_items[j - lo] if cfg.train_items else items[j]
+            loss = bpr_objective(rep, pi, pj, cfg.reg)
+            value = loss.detach()
+            step = None
+            if cfg.contrast_weight > 0:
+                b = torch.randperm(data.n_users, generator=gen, device=device)[: cfg.batch_size]
+                obj, val, step = combined_loss(ae, lora.rows(b), b, temps, ccfg, gen, first_epoch=False)
+                loss = loss + cfg.contrast_weight * obj
+                value = value + cfg.contrast_weight * val
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step is not None:
+                temps.update(b, step.log_u, step.grad_tau, train_tau=cfg.train_tau)
+            total += value * len(idx)
+        epoch_loss = float(total) / max(n, 1)
+        common.check_finite(epoch_loss, f"{STAGE} {domain}", seed, epoch)
+        speed = n / max(t0.elapsed(), 1e-9)
+        sc = None
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            per_domain = score()
+            sc = common.mean_score(per_domain)
+            if sc > best:
+                best, best_epoch, bad, per_domain_best = sc, epoch, 0, per_domain
+                save_best(epoch, best)
+            else:
+                bad += 1
+        done = bad >= cfg.patience or epoch == cfg.epochs
+        tensors = {**trained_tensors(), **temps.tensors(), **torch_optimizer_tensors(opt, list(params)), "rng": gen.get_state()}
+        tensors["lora_a"], tensors["lora_b"] = lora.lora_a, lora.lora_b
+        if cfg.train_ae:
+            tensors.update(ae_tensors(ae))
+        meta = common.base_meta(
+            STAGE + "-resume", data, seed, config, epoch=epoch, best_score=best, best_epoch=best_epoch, bad=bad,
+            per_domain=per_domain_best, done=done, **meta_extra,
+        )
+        ckpt.save(state_path, tensors, meta)
+        if progress:
+            progress(common.EpochEvent(f"{STAGE} {domain}", seed, epoch, cfg.epochs, epoch_loss, sc, speed, best, best_epoch))
+        if done:
+            break
+    return common.SeedResult(
+        f"{STAGE} {domain}", seed, best_path, best_epoch, best, epochs_run, timer.elapsed(), per_domain_best, {"domain": domain}
+    )
+
+
+def load_finetuned(seed_dir: Path, data: Dataset, domain: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """User representations Dec(Enc(W)) and the item table of a finetuned domain."""
+    d = data.domain_index(domain)
+    pre_path, con_path = seed_dir / ckpt.PRETRAIN, seed_dir / ckpt.CONTRAST["individual"]
+    users_e, items_e, _ = common.load_pretrain(pre_path, data)
+    pre_sha, con_sha = sha256_file(pre_path), sha256_file(con_path)
+    ae, _, _, _ = load_contrast(con_path, data, pre_sha, device)
+    t, meta = ckpt.load(seed_dir / ckpt.finetune_name(domain), stage=STAGE, fingerprint=data.fingerprint, expect={"contrast_sha256": con_sha, "domain": domain})
+    lora = LoRAEmbedding(users_e, meta["rank"], meta["config"]["lora_alpha"] or float(meta["rank"])).to(device)
+    with torch.no_grad():
+        lora.lora_a.copy_(t["lora_a"])
+        lora.lora_b.copy_(t["lora_b"])
+    if any(k.startswith("ae.") for k in t):
+        load_ae(ae, t)
+    items = items_e.to(device).clone()
+    if "domain_items" in t:
+        lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
+        items[lo:hi] = t["domain_items"].to(device)
+    with torch.no_grad():
+        return ae(lora.weight()), items

@@ -1,0 +1,178 @@
+"""PGE: BPR-MF over the train interactions of all domains (paper §3.3, DESIGN §3).
+
+The negative for a positive of domain d is a random item of domain d
+(resampled when it collides with the user's train items). Early stopping on
+validation NDCG@10 averaged over domains; the best epoch is what is saved.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from uclr_cli import checkpoint as ckpt
+from uclr_cli.config import PretrainConfig
+from uclr_cli.data.prepared import Dataset
+from uclr_cli.losses import bpr_loss
+from uclr_cli.optim import RowAdam, load_torch_optimizer_tensors, torch_optimizer_tensors
+from uclr_cli.stages import common
+
+STAGE = "pretrain"
+
+
+class NegativeSampler:
+    """Same-domain negatives drawn on the device; collisions with train items redrawn."""
+
+    def __init__(self, data: Dataset, device: torch.device, rounds: int = 3):
+        self.n_items = data.n_items
+        self.offsets = torch.tensor(data.item_offsets, dtype=torch.int64, device=device)
+        keys = data.train_user.to(device) * data.n_items + data.train_item.to(device)
+        self.keys = torch.sort(keys).values
+        self.rounds = rounds
+
+    def __call__(self, users: torch.Tensor, domains: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        lo = self.offsets[domains]
+        size = self.offsets[domains + 1] - lo
+        neg = self.draw(lo, size, gen)
+        for _ in range(self.rounds):  # fixed rounds: no host sync, same RNG use every step
+            key = users * self.n_items + neg
+            pos = torch.searchsorted(self.keys, key).clamp_(max=len(self.keys) - 1)
+            hit = self.keys[pos] == key
+            neg = torch.where(hit, self.draw(lo, size, gen), neg)
+        return neg
+
+    @staticmethod
+    def draw(lo: torch.Tensor, size: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        r = torch.rand(lo.shape, generator=gen, device=lo.device, dtype=torch.float64)
+        return lo + torch.minimum((r * size).long(), size - 1)
+
+
+def bpr_objective(eu, ip, ineg, reg: float) -> torch.Tensor:
+    """BPR plus L2 on the rows used in the batch (λ·mean of squared norms)."""
+    loss = bpr_loss((eu * ip).sum(1), (eu * ineg).sum(1))
+    if reg:
+        loss = loss + reg * (eu.pow(2).sum(1) + ip.pow(2).sum(1) + ineg.pow(2).sum(1)).mean()
+    return loss
+
+
+def init_tables(data: Dataset, cfg: PretrainConfig, seed: int, device: torch.device):
+    g = torch.Generator().manual_seed(seed)
+    users = torch.randn(data.n_users, cfg.dim, generator=g) * cfg.init_std
+    items = torch.randn(data.n_items, cfg.dim, generator=g) * cfg.init_std
+    return users.to(device), items.to(device)
+
+
+def run_seed(
+    cfg: PretrainConfig,
+    data: Dataset,
+    run_dir: Path,
+    seed: int,
+    *,
+    resume: bool = False,
+    progress: common.Progress | None = None,
+) -> common.SeedResult:
+    """Train one seed; writes ``seed-<s>/pretrain.safetensors`` (best on valid)."""
+    device = common.resolve_device(cfg.device)
+    out_dir = common.seed_dir(run_dir, seed)
+    best_path = out_dir / ckpt.PRETRAIN
+    state_path = out_dir / ckpt.resume_name(ckpt.PRETRAIN)
+    config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
+    timer = common.Timer()
+
+    users, items = init_tables(data, cfg, seed, device)
+    gen = common.generator(device, seed, 1)
+    tu, ti, td = (t.to(device) for t in (data.train_user, data.train_item, data.train_domain))
+    sampler = NegativeSampler(data, device)
+    names = ["user_emb", "item_emb"]
+    if cfg.optimizer == "rowwise-adam":
+        opt = RowAdam({"user_emb": users, "item_emb": items}, lr=cfg.lr)
+    else:
+        users.requires_grad_(True)
+        items.requires_grad_(True)
+        opt = torch.optim.Adam([users, items], lr=cfg.lr)
+
+    start, best, best_epoch, bad = 1, -math.inf, 0, 0
+    per_domain_best: dict[str, float] = {}
+    if resume and state_path.is_file():
+        t, meta = ckpt.load(state_path, stage=STAGE + "-resume", fingerprint=data.fingerprint, expect={"config": config, "seed": seed})
+        with torch.no_grad():
+            users.copy_(t["user_emb"])
+            items.copy_(t["item_emb"])
+        if cfg.optimizer == "rowwise-adam":
+            opt.load_state_tensors(t)
+        else:
+            load_torch_optimizer_tensors(opt, names, t)
+        gen.set_state(t["rng"].to(torch.uint8))
+        start, best, best_epoch, bad = meta["epoch"] + 1, meta["best_score"], meta["best_epoch"], meta["bad"]
+        per_domain_best = meta["per_domain"]
+        if meta.get("done"):
+            start = cfg.epochs + 1
+
+    n = len(tu)
+    epochs_run = start - 1
+    for epoch in range(start, cfg.epochs + 1):
+        epochs_run = epoch
+        t0 = common.Timer()
+        perm = torch.randperm(n, generator=gen, device=device)
+        total = torch.zeros((), device=device)
+        for s in range(0, n, cfg.batch_size):
+            idx = perm[s : s + cfg.batch_size]
+            u, i, d = tu[idx], ti[idx], td[idx]
+            j = sampler(u, d, gen)
+            if cfg.optimizer == "rowwise-adam":
+                uu, inv_u = torch.unique(u, return_inverse=True)
+                ii, inv_i = torch.unique(torch.cat([i, j]), return_inverse=True)
+                eu = users.index_select(0, uu).requires_grad_(True)
+                ei = items.index_select(0, ii).requires_grad_(True)
+                loss = bpr_objective(eu[inv_u], ei[inv_i[: len(i)]], ei[inv_i[len(i) :]], cfg.reg)
+                gu, gi = torch.autograd.grad(loss, [eu, ei])
+                opt.step({"user_emb": (uu, gu), "item_emb": (ii, gi)})
+            else:
+                opt.zero_grad(set_to_none=True)
+                loss = bpr_objective(users[u], items[i], items[j], cfg.reg)
+                loss.backward()
+                opt.step()
+            total += loss.detach() * len(idx)
+        epoch_loss = float(total) / max(n, 1)
+        common.check_finite(epoch_loss, STAGE, seed, epoch)
+        speed = n / max(t0.elapsed(), 1e-9)
+
+        score = None
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            with torch.no_grad():
+                per_domain = common.valid_scores(data, users.detach(), items.detach(), data.valid)
+            score = common.mean_score(per_domain)
+            if score > best:
+                best, best_epoch, bad, per_domain_best = score, epoch, 0, per_domain
+                meta = common.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=best, dim=cfg.dim)
+                ckpt.save(best_path, {"user_emb": users.detach(), "item_emb": items.detach()}, meta)
+            else:
+                bad += 1
+        done = bad >= cfg.patience or epoch == cfg.epochs
+        _save_state(state_path, cfg, data, seed, config, users, items, opt, names, gen, epoch, best, best_epoch, bad, per_domain_best, done)
+        if progress:
+            progress(common.EpochEvent(STAGE, seed, epoch, cfg.epochs, epoch_loss, score, speed, best, best_epoch))
+        if done:
+            break
+
+    if not best_path.is_file():  # zero epochs: save the initial tables
+        with torch.no_grad():
+            per_domain_best = common.valid_scores(data, users.detach(), items.detach(), data.valid)
+        best, best_epoch = common.mean_score(per_domain_best), 0
+        meta = common.base_meta(STAGE, data, seed, config, epoch=0, best_score=best, dim=cfg.dim)
+        ckpt.save(best_path, {"user_emb": users.detach(), "item_emb": items.detach()}, meta)
+    return common.SeedResult(STAGE, seed, best_path, best_epoch, best, epochs_run, timer.elapsed(), per_domain_best)
+
+
+def _save_state(path, cfg, data, seed, config, users, items, opt, names, gen, epoch, best, best_epoch, bad, per_domain, done):
+    tensors = {"user_emb": users.detach(), "item_emb": items.detach(), "rng": gen.get_state()}
+    if cfg.optimizer == "rowwise-adam":
+        tensors.update(opt.state_tensors())
+    else:
+        tensors.update(torch_optimizer_tensors(opt, names))
+    meta = common.base_meta(
+        STAGE + "-resume", data, seed, config, epoch=epoch, best_score=best, best_epoch=best_epoch, bad=bad, per_domain=per_domain, done=done
+    )
+    ckpt.save(path, tensors, meta)

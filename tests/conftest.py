@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny prepared synthetic dataset and a CLI runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from uclr_cli.cli.app import app
+from uclr_cli.config import PrepareConfig
+from uclr_cli.data import prepare
+
+SHARED_DOUBAN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "douban"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A prepared tiny synthetic dataset (300 users, 3 domains), built once per session."""
+    out = tmp_path_factory.mktemp("prepared") / "tiny"
+    prepare.run(PrepareConfig(source="synthetic", preset="tiny", out=out, seed=0))
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None):
+    """Invoke `uclr` in-process; returns the click Result (exit_code, stdout, stderr)."""
+    import os
+
+    runner = CliRunner()
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        os.chdir(old)
