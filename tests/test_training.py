@@ -231,7 +231,13 @@ def test_examples_validate():
 
     models = {"pretrain": PretrainConfig, "contrast": ContrastConfig, "finetune": FinetuneConfig}
     files = sorted(root.rglob("*.toml"))
-    assert len(files) >= 6
+    assert len(files) >= 7
     for f in files:
+        conf = read_toml(f)
+        if f.stem == "ablate":
+            assert set(conf) <= {"seeds", "domains", "device", "pretrain", "contrast", "finetune"}
+            for stage, model in models.items():
+                model(**{k.replace("-", "_"): v for k, v in conf.get(stage, {}).items()})
+            continue
         stage = next(k for k in models if f.stem.startswith(k))
-        models[stage](**read_toml(f))
+        models[stage](**conf)

@@ -94,8 +94,13 @@ def load(path: Path, *, stage: str, fingerprint: str | None = None, expect: dict
     if fingerprint is not None and meta.get("dataset") != fingerprint:
         raise CheckpointError("checkpoint was trained on another dataset (fingerprint differs)", path)
     for key, want in (expect or {}).items():
-        if meta.get(key) != want:
-            raise CheckpointError(f"checkpoint has {key}={meta.get(key)!r}, expected {want!r}", path)
+        got = meta.get(key)
+        if got == want:
+            continue
+        if isinstance(want, dict) and isinstance(got, dict):
+            diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+            raise CheckpointError(f"checkpoint was made with other {key} ({', '.join(diff[:4])} differ)", path)
+        raise CheckpointError(f"checkpoint has {key}={got!r}, expected {want!r}", path)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

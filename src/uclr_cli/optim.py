@@ -70,3 +70,58 @@ def load_torch_optimizer_tensors(opt: torch.optim.Optimizer, names: list[str], t
             val = t[k]
             st[field] = val.to(p.device) if field != "step" else val.clone()
         opt.state[p] = st
+
+
+class BPRRowAdam:
+    """BPR-MF step with analytic gradients and Adam on the touched rows only.
+
+    Users and items live in one table ``emb`` (users first), so a step needs
+    one ``unique``, one gradient scatter and one Adam update for both. The
+    maths equals autograd on ``bpr_objective`` followed by :class:`RowAdam`
+    (tested); it is just fewer, larger tensor operations.
+    """
+
+    def __init__(self, emb: torch.Tensor, n_users: int, lr: float, reg: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.emb, self.n_users = emb, n_users
+        self.lr, self.reg, self.b1, self.b2, self.eps = lr, reg, betas[0], betas[1], eps
+        self.m = torch.zeros_like(emb)
+        self.v = torch.zeros_like(emb)
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, u: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """One step on a batch of (user, positive, negative) rows; returns the batch loss."""
+        b = u.shape[0]
+        rows = torch.cat([u, i + self.n_users, j + self.n_users])
+        x = self.emb.index_select(0, rows)
+        eu, ei, ej = x[:b], x[b : 2 * b], x[2 * b :]
+        diff = ei - ej
+        s = (eu * diff).sum(1)
+        # d/ds mean softplus(-s) = -sigmoid(-s)/B ; the L2 term adds 2λ·row/B to every used row
+        coef = (-torch.sigmoid(-s) / b).unsqueeze(1)
+        g = torch.cat([coef * diff, coef * eu, -coef * eu])
+        if self.reg:
+            g.add_(x, alpha=2.0 * self.reg / b)
+        uniq, inv = torch.unique(rows, return_inverse=True)
+        grad = torch.zeros(uniq.shape[0], x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inv, g)
+        self.t += 1
+        c1 = 1.0 - self.b1**self.t
+        c2 = 1.0 - self.b2**self.t
+        m = self.m.index_select(0, uniq).mul_(self.b1).add_(grad, alpha=1 - self.b1)
+        v = self.v.index_select(0, uniq).mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
+        self.m.index_copy_(0, uniq, m)
+        self.v.index_copy_(0, uniq, v)
+        upd = m.div_(v.div_(c2).sqrt_().add_(self.eps)).mul_(-self.lr / c1)
+        self.emb.index_add_(0, uniq, upd)
+        loss = torch.nn.functional.softplus(-s).mean()
+        if self.reg:
+            loss = loss + self.reg * x.pow(2).sum(1).view(3, b).sum(0).mean()
+        return loss
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"opt.m": self.m, "opt.v": self.v, "opt.step": torch.tensor([self.t], dtype=torch.int64)}
+
+    def load_state_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        self.m.copy_(t["opt.m"])
+        self.v.copy_(t["opt.v"])
+        self.t = int(t["opt.step"][0])

@@ -16,7 +16,7 @@ from uclr_cli import checkpoint as ckpt
 from uclr_cli.config import PretrainConfig
 from uclr_cli.data.prepared import Dataset
 from uclr_cli.losses import bpr_loss
-from uclr_cli.optim import RowAdam, load_torch_optimizer_tensors, torch_optimizer_tensors
+from uclr_cli.optim import BPRRowAdam, load_torch_optimizer_tensors, torch_optimizer_tensors
 from uclr_cli.stages import common
 
 STAGE = "pretrain"
@@ -82,12 +82,15 @@ def run_seed(
     timer = common.Timer()
 
     users, items = init_tables(data, cfg, seed, device)
+    if cfg.optimizer == "rowwise-adam":  # one table, users first: users/items are views of it
+        emb = torch.cat([users, items])
+        users, items = emb[: data.n_users], emb[data.n_users :]
     gen = common.generator(device, seed, 1)
     tu, ti, td = (t.to(device) for t in (data.train_user, data.train_item, data.train_domain))
     sampler = NegativeSampler(data, device)
     names = ["user_emb", "item_emb"]
     if cfg.optimizer == "rowwise-adam":
-        opt = RowAdam({"user_emb": users, "item_emb": items}, lr=cfg.lr)
+        opt = BPRRowAdam(emb, data.n_users, lr=cfg.lr, reg=cfg.reg)
     else:
         users.requires_grad_(True)
         items.requires_grad_(True)
@@ -122,13 +125,7 @@ def run_seed(
             u, i, d = tu[idx], ti[idx], td[idx]
             j = sampler(u, d, gen)
             if cfg.optimizer == "rowwise-adam":
-                uu, inv_u = torch.unique(u, return_inverse=True)
-                ii, inv_i = torch.unique(torch.cat([i, j]), return_inverse=True)
-                eu = users.index_select(0, uu).requires_grad_(True)
-                ei = items.index_select(0, ii).requires_grad_(True)
-                loss = bpr_objective(eu[inv_u], ei[inv_i[: len(i)]], ei[inv_i[len(i) :]], cfg.reg)
-                gu, gi = torch.autograd.grad(loss, [eu, ei])
-                opt.step({"user_emb": (uu, gu), "item_emb": (ii, gi)})
+                loss = opt.step(u, i, j)
             else:
                 opt.zero_grad(set_to_none=True)
                 loss = bpr_objective(users[u], items[i], items[j], cfg.reg)
