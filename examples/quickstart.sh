@@ -11,3 +11,4 @@ RUN=runs/synthetic
 "$UCLR" pretrain --data "$DATA" --run "$RUN" --config "$HERE"/quickstart/pretrain.toml
 "$UCLR" contrast --data "$DATA" --run "$RUN" --config "$HERE"/quickstart/contrast.toml
 "$UCLR" finetune --data "$DATA" --run "$RUN" --domain all --config "$HERE"/quickstart/finetune.toml
+"$UCLR" evaluate --data "$DATA" --run "$RUN" --by-activity

@@ -16,7 +16,7 @@ from uclr_cli.data import prepare as stage
 def prepare(
     source: str = typer.Argument(..., help="amazon | douban | files | synthetic"),
     raw: Path | None = typer.Argument(None, help="Folder with the raw files (not for synthetic)."),
-    out: Path | None = typer.Option(None, "--out", help="Output folder [default: data/<source>]."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default: data/<source>)."),
     domains: str | None = typer.Option(None, "--domains", help="Comma-separated domains to keep (default: all)."),
     min_rating: float | None = typer.Option(None, "--min-rating", help="Keep ratings >= R (default: every rating counts)."),
     drop_items: float = typer.Option(0.0, "--drop-items", help="Share of each domain's items removed at random (paper's Amazon: 0.7)."),

@@ -1,0 +1,392 @@
+"""Evaluate every model of a run folder on the fixed candidates (DESIGN §4).
+
+For each ``seed-*`` folder and each variant it holds (see
+:mod:`uclr_cli.stages.variants`), every domain's candidates of one split are
+ranked with :func:`uclr_cli.metrics.rank_candidates`; two floors are scored on
+the same candidates: ``Random`` (one random score per candidate, from a
+generator seeded by the seed) and ``Pop`` (items scored by their number of
+train interactions). Per-row metrics are averaged per seed, domain, model and
+activity bucket, then mean and sample std over seeds are taken.
+
+Plain functions: nothing here prints or exits; progress goes through a callback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from uclr_cli.data.prepared import Dataset, EvalSplit
+from uclr_cli.data.split import DEFAULT_BUCKETS, bucket_index, bucket_labels
+from uclr_cli.errors import ConfigError, DataError
+from uclr_cli.metrics import METRIC_NAMES, metrics_from_ranks, positive_ranks, rank_candidates
+from uclr_cli import checkpoint as ckpt
+from uclr_cli.stages import common
+from uclr_cli.stages import variants as var
+
+__all__ = [
+    "FLOORS",
+    "BASELINES",
+    "MODEL_ORDER",
+    "ALL_BUCKET",
+    "EvalRow",
+    "EvalReport",
+    "EvalResult",
+    "DataStats",
+    "find_seeds",
+    "check_ks",
+    "check_buckets",
+    "pop_scores",
+    "random_ranks",
+    "bucket_rows",
+    "run",
+    "write_per_seed",
+    "stats",
+]
+
+#: Floors scored on the same candidates in every evaluation (DESIGN §4).
+FLOORS: tuple[str, ...] = ("Random", "Pop")
+#: Baselines other than our variants; new ones go here, so they sit before PGE.
+BASELINES: tuple[str, ...] = ()
+#: The one order of models in every table, JSON payload and plot.
+MODEL_ORDER: tuple[str, ...] = (*FLOORS, *BASELINES, *var.VARIANTS)
+#: Label of the bucket holding every evaluated user.
+ALL_BUCKET = "all"
+#: Stream of the Random floor's generator (see ``common.generator``); one per domain above it.
+RANDOM_STREAM = 9_000
+
+PER_SEED_SCHEMA = {
+    "domain": pl.String,
+    "model": pl.String,
+    "seed": pl.Int64,
+    "bucket": pl.String,
+    "metric": pl.String,
+    "k": pl.Int64,
+    "value": pl.Float64,
+    "n_users": pl.Int64,
+}
+
+
+class EvalRow(BaseModel):
+    """One cell of the results: a metric of a model in a domain and user bucket, over seeds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    domain: str = Field(description="Domain name, as in the prepared folder's manifest.")
+    model: str = Field(description="Random, Pop, PGE, PGE+AE, PGE+CL-AE, PGE+UCL-AE or UCLR.")
+    bucket: str = Field(description="'all', or an activity bucket label such as '1-2' (users by train interactions in this domain).")
+    metric: Literal["mrr", "hr", "ndcg"] = Field(description="Metric name; see docs/evaluate-json.md.")
+    k: int = Field(description="Cut-off K.")
+    mean: float = Field(description="Mean over seeds of the per-seed average over users, in percent (0-100).")
+    std: float | None = Field(description="Sample standard deviation over seeds (ddof=1), in percent; null with a single seed.")
+    n_seeds: int = Field(description="Number of seeds averaged.")
+    n_users: int = Field(description="Evaluation rows (one per user) in this domain and bucket.")
+
+
+class EvalReport(BaseModel):
+    """The JSON payload of `uclr evaluate --json` (schema: docs/evaluate-json.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(description="Name of the prepared dataset.")
+    fingerprint: str = Field(description="Fingerprint (sha256) of the prepared dataset.")
+    split: Literal["test", "valid"] = Field(description="Which fixed candidates were scored.")
+    seeds: list[int] = Field(description="Seeds evaluated (seed-<s> folders with at least one checkpoint).")
+    ks: list[int] = Field(description="Cut-offs K.")
+    buckets: list[str] = Field(description="Activity bucket labels, in order (the 'all' bucket is not listed).")
+    rows: list[EvalRow] = Field(description="Ordered by domain, model, bucket ('all' first), metric (mrr, hr, ndcg), k.")
+
+
+@dataclass
+class EvalResult:
+    """What :func:`run` returns: the aggregated report, per-seed rows and notes."""
+
+    report: EvalReport
+    per_seed: pl.DataFrame  # columns PER_SEED_SCHEMA, values in percent
+    models: list[str]  # models evaluated, in MODEL_ORDER
+    warnings: list[str] = field(default_factory=list)
+
+
+_SEED_DIR = re.compile(r"^seed-(\d+)$")
+
+
+def find_seeds(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(seed, folder)`` of every ``seed-<int>`` folder in ``run_dir``, sorted by seed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError("run folder not found (train first, or pass --run)", run_dir)
+    found = []
+    for p in run_dir.iterdir():
+        m = _SEED_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    if not found:
+        raise DataError("run folder has no seed-* folder (run `uclr pretrain` first)", run_dir)
+    return sorted(found)
+
+
+def check_ks(ks: Sequence[int]) -> list[int]:
+    out: list[int] = []
+    for k in ks:
+        k = int(k)
+        if k < 1:
+            raise ConfigError(f"cut-offs must be >= 1; got {k}", "--k")
+        if k not in out:
+            out.append(k)
+    if not out:
+        raise ConfigError("at least one cut-off is needed", "--k")
+    return out
+
+
+def check_buckets(edges: Sequence[int]) -> tuple[int, ...]:
+    out = tuple(int(e) for e in edges)
+    if not out or out[0] != 0:
+        raise ConfigError("bucket edges must start at 0 (every user has >= 0 train interactions)", "--buckets")
+    if any(b <= a for a, b in zip(out, out[1:])):
+        raise ConfigError("bucket edges must be strictly increasing", "--buckets")
+    return out
+
+
+def pop_scores(data: Dataset) -> torch.Tensor:
+    """(I,) float64: train interactions per item. Items live in one domain, so this is per domain too."""
+    return torch.bincount(data.train_item, minlength=data.n_items).to(torch.float64)
+
+
+def random_ranks(ev: EvalSplit, seed: int, domain_index: int) -> torch.Tensor:
+    """Ranks under one uniform random score per candidate; reproducible per (seed, domain).
+
+    Drawn on the CPU so the floor does not depend on the device.
+    """
+    r, n = ev.negs.shape
+    gen = common.generator(torch.device("cpu"), seed, RANDOM_STREAM + domain_index)
+    scores = torch.rand((r, n + 1), generator=gen, dtype=torch.float64)
+    return positive_ranks(scores[:, 0], scores[:, 1:])
+
+
+def bucket_rows(
+    ranks: torch.Tensor, bucket_of_row: torch.Tensor, n_buckets: int, ks: Sequence[int]
+) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+    """Per metric: (sum per bucket (B,), rows per bucket (B,)), computed with one scatter each."""
+    per_row = metrics_from_ranks(ranks.cpu(), ks)
+    b = bucket_of_row.cpu()
+    counts = torch.bincount(b, minlength=n_buckets)
+    out = {}
+    for key, v in per_row.items():
+        sums = torch.zeros(n_buckets, dtype=torch.float64).index_add_(0, b, v)
+        out[key] = (sums, counts)
+    return out
+
+
+def _model_rank(name: str) -> tuple[int, str]:
+    return (MODEL_ORDER.index(name), "") if name in MODEL_ORDER else (len(MODEL_ORDER), name)
+
+
+def run(
+    data: Dataset,
+    run_dir: Path,
+    *,
+    split: str = "test",
+    ks: Sequence[int] = (10, 20),
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    device: str = "auto",
+    variants: list[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Score every seed and model of ``run_dir`` on ``split``; aggregate over seeds.
+
+    ``variants`` restricts the trained variants evaluated (the floors always are).
+    ``progress`` receives one short line per (seed, model).
+    """
+    if split not in ("test", "valid"):
+        raise ConfigError(f"split must be test or valid; got {split!r}", "--split")
+    ks = check_ks(ks)
+    edges = check_buckets(buckets)
+    labels = bucket_labels(edges)
+    if variants is not None:
+        unknown = [v for v in variants if v not in var.VARIANTS]
+        if unknown:
+            raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(var.VARIANTS)}", "variants")
+    dev = common.resolve_device(device)
+    run_dir = Path(run_dir)
+    seeds = find_seeds(run_dir)
+    note = progress or (lambda _msg: None)
+    warnings: list[str] = []
+
+    # Which seeds hold what; a seed without any checkpoint is skipped (e.g. an interrupted run).
+    plan: list[tuple[int, Path, list[str]]] = []
+    for s, sdir in seeds:
+        have = var.available(sdir, data)
+        if variants is not None:
+            have = [v for v in have if v in variants]
+        if not have:
+            warnings.append(f"{sdir}: no checkpoint{' of the chosen variants' if variants is not None else ''}; seed {s} skipped")
+            continue
+        plan.append((s, sdir, sorted(have, key=_model_rank)))
+    if not plan:
+        what = "of the chosen variants " if variants is not None else ""
+        raise DataError(f"no checkpoint {what}in any seed-* folder (train first)", run_dir)
+
+    all_seeds = [s for s, _, _ in plan]
+    for v in sorted({v for _, _, have in plan for v in have}, key=_model_rank):
+        with_v = [s for s, _, have in plan if v in have]
+        if len(with_v) < len(all_seeds):
+            warnings.append(f"{v}: checkpoints for seed(s) {', '.join(map(str, with_v))} only, of {', '.join(map(str, all_seeds))}")
+
+    splits = data.split(split)
+    ev_dev = {d: splits[d].to(dev) for d in data.domains}
+    # Activity bucket of every evaluation row, from the user's train interactions in that domain.
+    row_bucket = {}
+    for di, d in enumerate(data.domains):
+        counts = data.train_counts[di][splits[d].users].numpy()
+        row_bucket[d] = torch.from_numpy(bucket_index(counts, edges).astype(np.int64))
+    n_b = len(edges)
+    pop = pop_scores(data).unsqueeze(1).to(dev)  # (I, 1): score = popularity . 1
+    ones = torch.ones((data.n_users, 1), dtype=torch.float64, device=dev)
+    pop_ranks = {d: rank_candidates(ones, pop, ev.users, ev.pos, ev.negs) for d, ev in ev_dev.items()}
+
+    cols: dict[str, list] = {c: [] for c in PER_SEED_SCHEMA}
+
+    def add(domain: str, model: str, seed: int, ranks: torch.Tensor) -> None:
+        per = bucket_rows(ranks, row_bucket[domain], n_b, ks)
+        n_all = int(ranks.shape[0])
+        for k in ks:
+            for metric in METRIC_NAMES:
+                sums, counts = per[(metric, k)]
+                total = float(sums.sum())
+                entries = [(ALL_BUCKET, total, n_all)] + [(labels[b], float(sums[b]), int(counts[b])) for b in range(n_b)]
+                for label, s_val, n in entries:
+                    if n == 0:  # nothing to average: the bucket (or domain) has no rows
+                        continue
+                    cols["domain"].append(domain)
+                    cols["model"].append(model)
+                    cols["seed"].append(seed)
+                    cols["bucket"].append(label)
+                    cols["metric"].append(metric)
+                    cols["k"].append(k)
+                    cols["value"].append(100.0 * s_val / n)
+                    cols["n_users"].append(n)
+
+    for s, sdir, have in plan:
+        note(f"seed {s}: Random, Pop")
+        for di, d in enumerate(data.domains):
+            add(d, "Random", s, random_ranks(splits[d], s, di))
+            add(d, "Pop", s, pop_ranks[d])
+        for v in have:
+            note(f"seed {s}: {v}")
+            tables = var.vectors(sdir, v, data, dev)
+            for d in data.domains:
+                if d not in tables:
+                    continue
+                u, it = tables[d]
+                ev = ev_dev[d]
+                add(d, v, s, rank_candidates(u, it, ev.users, ev.pos, ev.negs))
+            del tables
+        missing = [d for d in data.domains if "UCLR" in have and not (sdir / ckpt.finetune_name(d)).is_file()]
+        if missing:
+            warnings.append(f"{sdir}: UCLR not finetuned for {', '.join(missing)}; no UCLR rows there for seed {s}")
+
+    per_seed = pl.DataFrame(cols, schema=PER_SEED_SCHEMA)
+    report = _aggregate(data, split, all_seeds, ks, labels, per_seed)
+    models = sorted({r.model for r in report.rows}, key=_model_rank)
+    return EvalResult(report=report, per_seed=per_seed, models=models, warnings=warnings)
+
+
+def _aggregate(data: Dataset, split: str, seeds: list[int], ks: list[int], labels: list[str], per_seed: pl.DataFrame) -> EvalReport:
+    groups: dict[tuple, list[float]] = {}
+    users: dict[tuple, int] = {}
+    for dom, model, bucket, metric, k, value, n in per_seed.select(
+        ["domain", "model", "bucket", "metric", "k", "value", "n_users"]
+    ).iter_rows():
+        key = (dom, model, bucket, metric, k)
+        groups.setdefault(key, []).append(value)
+        users[key] = n  # the same rows for every seed: candidates are fixed
+    b_order = {b: i for i, b in enumerate([ALL_BUCKET, *labels])}
+
+    def order(key):
+        dom, model, bucket, metric, k = key
+        return (data.domains.index(dom), _model_rank(model), b_order[bucket], METRIC_NAMES.index(metric), ks.index(k))
+
+    rows = []
+    for key in sorted(groups, key=order):
+        vals = groups[key]
+        std = statistics.stdev(vals) if len(vals) > 1 else None
+        dom, model, bucket, metric, k = key
+        rows.append(
+            EvalRow(
+                domain=dom, model=model, bucket=bucket, metric=metric, k=k,
+                mean=statistics.fmean(vals), std=std, n_seeds=len(vals), n_users=users[key],
+            )
+        )
+    return EvalReport(
+        dataset=data.name, fingerprint=data.fingerprint, split=split, seeds=seeds, ks=ks, buckets=labels, rows=rows
+    )
+
+
+def write_per_seed(per_seed: pl.DataFrame, path: Path) -> Path:
+    """Write the per-seed rows to parquet: a temporary sibling renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        per_seed.write_parquet(tmp, compression="zstd")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write parquet: {e.strerror or e}", path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass
+class DataStats:
+    """Statistics of a prepared folder: the manifest's table and interactions per user."""
+
+    manifest: dict
+    #: per domain: (U,) interactions per user held in the folder (train + valid + test rows)
+    per_user: dict[str, np.ndarray]
+
+    def histogram(self, domain: str) -> tuple[np.ndarray, np.ndarray]:
+        """(interaction counts, users with that count), counts >= 1 only (log-log friendly)."""
+        values, users = np.unique(self.per_user[domain], return_counts=True)
+        keep = values > 0
+        return values[keep], users[keep]
+
+
+def stats(data: Dataset) -> DataStats:
+    """The prepared data's statistics (``manifest["stats"]``) and per-domain interactions per user."""
+    per_user = {}
+    for di, d in enumerate(data.domains):
+        total = data.train_counts[di].clone()
+        for ev in (data.valid[d], data.test[d]):
+            total += torch.bincount(ev.users, minlength=data.n_users)
+        per_user[d] = total.numpy()
+    return DataStats(manifest=_buckets_in_order(data.manifest), per_user=per_user)
+
+
+def _bucket_lower(label: str) -> int:
+    return int(label.split("-")[0].rstrip("+"))
+
+
+def _buckets_in_order(manifest: dict) -> dict:
+    """A copy of the manifest whose per-domain bucket dicts run by lower edge.
+
+    manifest.json is written with sorted keys, so '21+' would come before '3-5'.
+    """
+    out = dict(manifest)
+    out["stats"] = [
+        {**s, "buckets": dict(sorted(s["buckets"].items(), key=lambda kv: _bucket_lower(kv[0])))}
+        for s in manifest.get("stats", [])
+    ]
+    return out
