@@ -9,6 +9,7 @@ better than absolute times). Sections:
 * contrast  — seconds per epoch over all users at the Amazon shape
 * finetune  — seconds per epoch per domain at the Amazon shape
 * evaluate  — 3 domains x 26,507 users x 100 candidates scored into metrics
+* baselines — seconds per epoch of BPRMF, NeuMF and LightGCN on domain books at the Amazon shape
 """
 
 from __future__ import annotations
@@ -146,11 +147,27 @@ def bench_evaluate(work: Path, quick: bool) -> None:
     row("evaluate 3 x 26,507 users x 100 candidates (m=128)", f"{best:.3f} s", "<= 0.5 s")
 
 
+def bench_baselines(work: Path, quick: bool) -> None:
+    from uclr_cli.config import BaselineConfig
+    from uclr_cli.data.prepared import load_prepared
+    from uclr_cli.stages import baseline
+
+    data = load_prepared(amazon_data(work, quick))
+    d = "books"
+    n = int((data.train_domain == data.domain_index(d)).sum())
+    for name in baseline.NAMES:
+        speeds = []  # training only (the epoch's validation is not timed); the faster of 2 epochs
+        cfg = BaselineConfig(model=name, epochs=2, device="cpu")  # defaults: m=128, batch 2048, 4 negatives, 3 layers
+        baseline.run_domain(cfg, data, work / "bench-baselines", 0, d, progress=lambda e: speeds.append(e.samples_per_s))
+        row(f"baseline {name} {d}, s/epoch ({n:,} train rows)", f"{n / max(speeds):.2f} s")
+
+
 SECTIONS = {
     "prepare": bench_prepare,
     "pretrain": bench_pretrain,
     "contrast": bench_contrast_finetune,
     "evaluate": bench_evaluate,
+    "baselines": bench_baselines,
 }
 
 

@@ -2,13 +2,18 @@
 
 No pickle anywhere: a file that is not a valid safetensors file is refused
 before anything in it is interpreted. Writes go to a temporary file that is
-fsynced and renamed, so a kill leaves the old file or the new one, never half.
+fsynced and renamed, so a kill leaves the old file or the new one, never half;
+a failed write (disk full) leaves the old file and is one :class:`CheckpointError`.
+The header holds a sha256 of the metadata and tensors (``content_sha256``),
+checked on load, so a file damaged after it was written is refused too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -16,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from uclr_cli import __version__
-from uclr_cli.errors import CheckpointError
+from uclr_cli.errors import CheckpointError, UclrError
 
 FORMAT_VERSION = "1"
 PRETRAIN = "pretrain.safetensors"
@@ -25,8 +30,38 @@ CONTRAST = {"individual": "contrast.safetensors", "global": "contrast-global.saf
 CONFIG = "config.json"
 
 
+_SAFE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_SEED_DIR = re.compile(r"seed-(\d+)")
+DIGEST = "content_sha256"
+
+
 def finetune_name(domain: str) -> str:
+    """``finetune-<domain>.safetensors``; a domain name that is not a plain file-name part is refused."""
+    if not isinstance(domain, str) or not _SAFE_NAME.fullmatch(domain):
+        raise CheckpointError(f"unsafe domain name {domain!r} for a checkpoint file name", "--domain")
     return f"finetune-{domain}.safetensors"
+
+
+def _reason(e: OSError) -> str:
+    s = e.strerror or str(e) or type(e).__name__
+    return s[:1].lower() + s[1:]
+
+
+def content_digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
+    """sha256 over the header entries (but the digest) and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in header.items() if k != DIGEST}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"\0{name}\0{str(t.dtype)}\0{list(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def baseline_name(name: str, domain: str) -> str:
+    """A single-domain baseline's checkpoint, e.g. ``baseline-neumf-books.safetensors``."""
+    return f"baseline-{name}-{domain}.safetensors"
 
 
 def resume_name(name: str) -> str:
@@ -37,15 +72,20 @@ def resume_name(name: str) -> str:
 def save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Atomically write ``tensors`` with ``meta`` (JSON-encoded values) in the header."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format_version": FORMAT_VERSION, "package_version": __version__}
     header.update({k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in meta.items()})
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header[DIGEST] = content_digest(cpu, header)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(cpu, str(tmp), metadata=header)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only, permissions: the old file is untouched
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint: {_reason(e)}", path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -67,6 +107,8 @@ def read_header(path: Path) -> dict:
             raw = json.loads(f.read(n))
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError("not a safetensors file (unreadable header)", path) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint: {_reason(e)}", path) from None
     meta = raw.get("__metadata__") if isinstance(raw, dict) else None
     if not isinstance(meta, dict):
         raise CheckpointError("checkpoint has no uclr metadata", path)
@@ -79,11 +121,24 @@ def read_header(path: Path) -> dict:
     return out
 
 
-def load(path: Path, *, stage: str, fingerprint: str | None = None, expect: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+#: Settings a resume may change (e.g. a lower --lr after a non-finite loss): they do not shape the
+#: model or its state. Stages pass ``may_differ={"config": RESUME_MAY_DIFFER}`` when loading a resume state.
+RESUME_MAY_DIFFER = ("lr", "epochs", "patience")
+
+
+def load(
+    path: Path,
+    *,
+    stage: str,
+    fingerprint: str | None = None,
+    expect: dict | None = None,
+    may_differ: dict[str, tuple[str, ...]] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Load tensors and metadata, refusing another stage, dataset or shape.
 
     ``expect`` maps metadata keys to required values (e.g. {"dim": 128});
-    every mismatch is named in a one-line error.
+    every mismatch is named in a one-line error. ``may_differ`` names, per
+    dict-valued key of ``expect``, entries left out of the comparison.
     """
     path = Path(path)
     meta = read_header(path)
@@ -93,25 +148,55 @@ def load(path: Path, *, stage: str, fingerprint: str | None = None, expect: dict
         raise CheckpointError(f"checkpoint is of stage '{meta.get('stage')}', expected '{stage}'", path)
     if fingerprint is not None and meta.get("dataset") != fingerprint:
         raise CheckpointError("checkpoint was trained on another dataset (fingerprint differs)", path)
+    folder = _SEED_DIR.fullmatch(path.parent.name)
+    if folder and isinstance(meta.get("seed"), int) and meta["seed"] != int(folder.group(1)):
+        raise CheckpointError(f"checkpoint is of seed {meta['seed']} but lies in {path.parent.name}", path)
     for key, want in (expect or {}).items():
         got = meta.get(key)
+        loose = (may_differ or {}).get(key)
+        if loose and isinstance(want, dict) and isinstance(got, dict):
+            want = {k: v for k, v in want.items() if k not in loose}
+            got = {k: v for k, v in got.items() if k not in loose}
         if got == want:
             continue
         if isinstance(want, dict) and isinstance(got, dict):
             diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
             raise CheckpointError(f"checkpoint was made with other {key} ({', '.join(diff[:4])} differ)", path)
+        if key.endswith("_sha256"):
+            raise CheckpointError(f"checkpoint was made from another {key[: -len('_sha256')]} checkpoint ({key} differs)", path)
         raise CheckpointError(f"checkpoint has {key}={got!r}, expected {want!r}", path)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"corrupt checkpoint ({str(e).splitlines()[0][:80]})", path) from None
+    if DIGEST in meta:
+        if content_digest(tensors, _raw_metadata(path)) != meta[DIGEST]:
+            raise CheckpointError("corrupt checkpoint (content does not match its checksum)", path)
     return tensors, meta
 
 
+def _raw_metadata(path: Path) -> dict:
+    """The header's ``__metadata__`` strings exactly as stored (read_header decodes them)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)).get("__metadata__", {})
+
+
 def write_json(path: Path, payload: dict) -> None:
-    """Atomic JSON write (config, metrics summaries)."""
+    """Atomic JSON write (config, metrics summaries); a failed write leaves the old file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UclrError(f"cannot write file: {_reason(e)}", path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -11,6 +11,7 @@ from uclr_cli.cli import common, training
 from uclr_cli.config import ContrastConfig, FinetuneConfig, PretrainConfig
 from uclr_cli.data.prepared import load_prepared
 from uclr_cli.errors import ConfigError
+from uclr_cli.lock import RunLock
 from uclr_cli.stages import ablate as stage
 
 SECTIONS = {"pretrain": PretrainConfig, "contrast": ContrastConfig, "finetune": FinetuneConfig}
@@ -31,6 +32,8 @@ def ablate(
     unknown = set(file) - TOP - set(SECTIONS)
     if unknown:
         raise ConfigError(f"unknown key: {sorted(unknown)[0]}", config)
+    for key in TOP & set(file):
+        _check_top(key, file[key], config)
     top = {**{k_: v for k_, v in file.items() if k_ in TOP}, **common.drop_none(dict(data=data, run=run, device=device))}
     seed_list = common.csv_list(seeds, "--seeds", int) or top.get("seeds") or [0, 1, 2, 3, 4]
     cfgs = {}
@@ -40,10 +43,15 @@ def ablate(
         if "device" in top:
             values["device"] = top["device"]
         cfgs[name] = cfgmod.build(model, values, lambda key, n=name: f"{config}, [{n}] key '{key}'" if config else f"--{key}")
+    if cfgs["finetune"].rank > cfgs["pretrain"].dim:
+        section, key = ("finetune", "rank") if "rank" in (file.get("finetune") or {}) else ("pretrain", "dim")
+        where = f"{config}, [{section}] key '{key}'"
+        raise ConfigError(f"rank {cfgs['finetune'].rank} exceeds the pretrain dim {cfgs['pretrain'].dim}: rank must be <= dim", where)
     ds = load_prepared(Path(top["data"]) if "data" in top else training.default_data_dir())
     run_dir = Path(top["run"]) if "run" in top else Path("runs") / ds.name
     wanted = common.csv_list(domains, "--domains") or top.get("domains") or ds.domains
     domain_list = [ds.domains[ds.domain_index(d)] for d in wanted]
+    common.hold(RunLock(run_dir, "uclr ablate"))  # one writer per run folder until the command ends
     for name, cfg in cfgs.items():
         training.write_config(run_dir, f"ablate-{name}", cfg, ds)
 
@@ -56,6 +64,24 @@ def ablate(
     with training.Reporter("ablate", len(seed_list)) as rep:
         stage.run(ds, run_dir, seed_list, domain_list, cfgs["pretrain"], cfgs["contrast"], cfgs["finetune"], on_step=on_step, progress=rep)
     show_ablation(ds, run_dir, common.csv_list(k, "--k", int), device or top.get("device", "auto"))
+
+
+def _check_top(key: str, value, config: Path | None) -> None:
+    """Top-level keys of the ablate TOML: right type, else an error naming the key."""
+    if key == "seeds":
+        ok = isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        what = "a non-empty list of integers >= 0"
+    elif key == "domains":
+        ok = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+        what = "a non-empty list of domain names"
+    elif key == "device":
+        ok = value in ("auto", "cpu", "cuda")
+        what = "one of auto, cpu, cuda"
+    else:  # data, run
+        ok = isinstance(value, str) and value.strip() != ""
+        what = "a folder path (string)"
+    if not ok:
+        raise ConfigError(f"{key} must be {what}", f"{config}, key '{key}'")
 
 
 def show_ablation(ds, run_dir: Path, ks: list[int], device: str) -> None:

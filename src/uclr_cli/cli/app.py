@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from uclr_cli import __version__
-from uclr_cli.cli import ablate, common, contrast, evaluate, finetune, prepare, pretrain, stats
+from uclr_cli.cli import ablate, baseline, common, contrast, evaluate, finetune, prepare, pretrain, stats
 
 app = typer.Typer(
     name="uclr",
@@ -40,6 +40,7 @@ app.command("pretrain")(pretrain.pretrain)
 app.command("contrast")(contrast.contrast)
 app.command("finetune")(finetune.finetune)
 app.command("ablate")(ablate.ablate)
+app.command("baseline")(baseline.baseline)
 app.command("evaluate")(evaluate.evaluate)
 app.command("stats")(stats.stats)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -43,16 +45,39 @@ def warn(msg: str) -> None:
         err().print(f"[yellow]warning:[/] {msg}")
 
 
+#: Resources held until the running command ends (e.g. the run-folder lock); see :func:`hold`.
+_SCOPES: list[contextlib.ExitStack] = []
+
+
+def hold(resource):
+    """Enter the context manager ``resource`` until the running command ends.
+
+    It is exited when the command returns, fails or is interrupted, before the
+    error line is printed. Outside a command (library use) it is held until exit.
+    """
+    if _SCOPES:
+        return _SCOPES[-1].enter_context(resource)
+    value = resource.__enter__()
+    atexit.register(resource.__exit__, None, None, None)
+    return value
+
+
 class UclrGroup(TyperGroup):
     """Renders UclrError as one line and exit 1; Ctrl-C as exit 130."""
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with contextlib.ExitStack() as scope:
+                _SCOPES.append(scope)
+                try:
+                    return super().invoke(ctx)
+                finally:
+                    _SCOPES.pop()
         except UclrError as e:
             if STATE.verbose:
                 raise
-            print(f"error: {e.one_line()}", file=sys.stderr)
+            line = e.one_line().replace("\r", "\\r").replace("\n", "\\n")  # a path may hold a newline
+            print(f"error: {line}", file=sys.stderr)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)

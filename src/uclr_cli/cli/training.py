@@ -16,6 +16,7 @@ from uclr_cli import config as cfgmod
 from uclr_cli.cli import common
 from uclr_cli.data.prepared import MANIFEST, load_prepared
 from uclr_cli.errors import ConfigError, DataError
+from uclr_cli.lock import RunLock
 from uclr_cli.stages.common import EpochEvent, SeedResult
 
 PROJECT_FILE = "uclr.toml"
@@ -64,7 +65,22 @@ def resolve(model: type[cfgmod.StageConfig], cli_values: dict[str, Any], config_
     data_dir = Path(cfg.data) if cfg.data is not None else default_data_dir()
     data = load_prepared(data_dir)
     run_dir = Path(cfg.run) if cfg.run is not None else Path("runs") / data.name
+    if isinstance(cfg, cfgmod.FinetuneConfig):
+        check_rank(cfg.rank, run_dir, cfg.seeds, where_for("rank"))
+    # one writer per run folder, held until the command ends (also on errors and Ctrl-C)
+    common.hold(RunLock(run_dir, f"uclr {model.__name__.removesuffix('Config').lower()}"))
     return cfg, data, run_dir
+
+
+def check_rank(rank: int, run_dir: Path, seeds: list[int], where: str) -> None:
+    """LoRA rank must not exceed the PGE dimension, read from each seed's pretrain header (before any work)."""
+    for s in seeds:
+        path = Path(run_dir) / f"seed-{s}" / ckpt.PRETRAIN
+        if not path.is_file():
+            continue  # the stage reports the missing checkpoint
+        dim = ckpt.read_header(path).get("dim")
+        if isinstance(dim, int) and rank > dim:
+            raise ConfigError(f"rank {rank} exceeds the embedding dimension {dim} of {path}: rank must be <= dim", where)
 
 
 def write_config(run_dir: Path, stage: str, cfg: cfgmod.StageConfig, data) -> None:

@@ -8,7 +8,7 @@ from typing import Callable
 
 from uclr_cli.config import PrepareConfig
 from uclr_cli.data import synthetic
-from uclr_cli.data.prepared import sha256_file, write_prepared
+from uclr_cli.data.prepared import check_out, sha256_file, write_prepared
 from uclr_cli.data.raw import RawDomain
 from uclr_cli.data.split import build_tables
 from uclr_cli.errors import ConfigError
@@ -24,8 +24,13 @@ class PrepareResult:
 def _synthetic_spec(cfg: PrepareConfig) -> synthetic.SyntheticSpec:
     base = synthetic.PRESETS[cfg.preset]
     kw: dict = {"seed": cfg.seed}
-    if cfg.domains is not None:
-        kw["domains"] = tuple(cfg.domains)
+    if cfg.domains is not None:  # names become file-name parts: normalised like file names
+        from uclr_cli.data.readers import safe_domain_name
+
+        names = tuple(safe_domain_name(d, "--domains") for d in cfg.domains)
+        if len(set(names)) != len(names):
+            raise ConfigError("a domain is given twice", "--domains")
+        kw["domains"] = names
     if cfg.users is not None:
         kw["users"] = cfg.users
     n_dom = len(kw.get("domains", base.domains))
@@ -73,6 +78,7 @@ def run(cfg: PrepareConfig, *, on_warning: Callable[[str], None] | None = None) 
             on_warning(msg)
 
     out = Path(cfg.out) if cfg.out is not None else Path("data") / cfg.source
+    check_out(out)  # before any work: never replace a folder that is not a prepared one
     raw_domains, generator = read_source(cfg)
     tables = build_tables(
         raw_domains, min_rating=cfg.min_rating, drop_items=cfg.drop_items, negatives=cfg.negatives, seed=cfg.seed, warn=warn

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,17 @@ from uclr_cli.errors import DataError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TABLES = ("users", "items", "train", "valid", "test")
+#: Domain names become file-name parts (``finetune-<domain>.safetensors``): nothing else is allowed.
+DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def check_names(name, domains, where) -> None:
+    """Refuse a dataset name that is not one plain folder name, or a domain name that is not file-name safe."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise DataError(f"bad dataset name {str(name)[:40]!r} (must be a plain folder name)", where)
+    for d in domains:
+        if not isinstance(d, str) or not DOMAIN_NAME.fullmatch(d):
+            raise DataError(f"bad domain name {str(d)[:40]!r} (allowed: a-z, 0-9, _ and -)", where)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -33,6 +45,44 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _recover(out: Path) -> None:
+    """Clean up after a writer of ``out`` that was killed: drop its temporary folder, and put
+    back the previous folder if the kill came between the two renames of :func:`_commit_dir`."""
+    from uclr_cli.lock import pid_alive
+
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)$")
+    try:
+        siblings = sorted(out.parent.iterdir()) if out.parent.is_dir() else []
+    except OSError:
+        return
+    for p in siblings:
+        m = pat.match(p.name)
+        if not m or not p.is_dir() or pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not out.exists() and (p / MANIFEST).is_file():
+            p.rename(out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_out(out: Path) -> None:
+    """``out`` may be replaced: absent, empty, or an earlier prepared folder (never another folder)."""
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise DataError("output must name a folder (not '.', '..' or '/')", out)
+    _recover(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise DataError("output exists and is not a folder; refusing to replace it", out)
+    try:
+        empty = next(out.iterdir(), None) is None
+    except OSError as e:
+        raise DataError(f"cannot list output folder: {_reason(e)}", out) from None
+    if not empty and not (out / MANIFEST).is_file():
+        raise DataError("output folder exists and is not a prepared folder; refusing to replace it (pick another --out)", out)
 
 
 def _atomic_dir(out: Path):
@@ -66,9 +116,16 @@ def write_prepared(
     """Write the prepared folder to a temporary sibling and rename it into place.
 
     Returns the manifest. On any failure the temporary folder is removed and an
-    existing ``out`` is left untouched.
+    existing ``out`` is left untouched; a failed write (disk full, permissions)
+    is one :class:`DataError` naming the file.
     """
-    tmp = _atomic_dir(out)
+    check_names(name, tables.domains, out)
+    check_out(out)
+    try:
+        tmp = _atomic_dir(out)
+    except OSError as e:
+        raise DataError(f"cannot create output folder: {_reason(e)}", getattr(e, "filename", None) or out) from None
+    current = out  # the file being written, for the error message
     try:
         frames = {
             "users": tables.users,
@@ -80,6 +137,7 @@ def write_prepared(
         hashes = {}
         for key in TABLES:
             p = tmp / f"{key}.parquet"
+            current = out / p.name
             frames[key].write_parquet(p, compression="zstd", statistics=False)
             hashes[key] = sha256_file(p)
         fingerprint = hashlib.sha256("".join(hashes[k] for k in TABLES).encode()).hexdigest()
@@ -100,12 +158,34 @@ def write_prepared(
             ],
             "stats": domain_stats(tables),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        current = out / MANIFEST
+        with open(tmp / MANIFEST, "w") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        current = out
+        _fsync_dir_files(tmp)
         _commit_dir(tmp, out)
+    except (OSError, pl.exceptions.PolarsError) as e:  # disk full, permissions: `out` is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"cannot write prepared folder: {_reason(e)}", current) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _reason(e: Exception) -> str:
+    """The OS reason of a failed write, lower-case ("no space left on device")."""
+    s = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    m = re.search(r"io error: (.+?)(?: \(os error \d+\))?$", s, re.IGNORECASE | re.MULTILINE)
+    s = (m.group(1) if m else s.strip().splitlines()[0])[:120]
+    return s[:1].lower() + s[1:]
+
+
+def _fsync_dir_files(folder: Path) -> None:
+    """Flush every file of ``folder`` to disk before the folder is renamed into place."""
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
 
 
 @dataclass
@@ -180,15 +260,24 @@ def load_prepared(path: Path, *, verify: bool = True) -> Dataset:
         p = path / f"{key}.parquet"
         if not p.is_file():
             raise DataError(f"missing {key}.parquet", path)
-        if verify and sha256_file(p) != manifest.get("files", {}).get(key):
+        try:
+            digest = sha256_file(p) if verify else None
+        except OSError as e:
+            raise DataError(f"cannot read file: {_reason(e)}", p) from None
+        if verify and digest != manifest.get("files", {}).get(key):
             raise DataError("file does not match the manifest's checksum (modified or corrupt)", p)
         try:
             frames[key] = pl.read_parquet(p)
         except Exception as e:  # polars raises several types for a bad file
             raise DataError(f"unreadable parquet: {type(e).__name__}", p) from None
-    domains = [d["name"] for d in manifest["domains"]]
-    offsets = [d["item_offset"] for d in manifest["domains"]] + [manifest["n_items"]]
-    n_users, n_items = manifest["n_users"], manifest["n_items"]
+    try:
+        domains = [d["name"] for d in manifest["domains"]]
+        offsets = [int(d["item_offset"]) for d in manifest["domains"]] + [int(manifest["n_items"])]
+        n_users, n_items = int(manifest["n_users"]), int(manifest["n_items"])
+        int(manifest["options"]["negatives"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"manifest lacks or has a bad entry {str(e)[:40]}", path / MANIFEST) from None
+    check_names(manifest.get("name"), domains, path / MANIFEST)
     if frames["users"].height != n_users or frames["items"].height != n_items:
         raise DataError("users/items tables do not match the manifest counts", path / MANIFEST)
 

@@ -759,7 +759,13 @@ def _read_table_csv(path: Path, sep: str, names: dict[str, str]) -> pl.DataFrame
         if bad is not None:
             raise DataError("file is not valid UTF-8", where=path, line=bad) from e
         raise DataError(f"cannot read header: {_first_line(e)}", where=path) from e
-    use = {role: _resolve(header, names[role], path, role in ("user", "item")) for role in names}
+    try:
+        use = {role: _resolve(header, names[role], path, role in ("user", "item")) for role in names}
+    except DataError:
+        bad = _find_bad_utf8(path)  # e.g. UTF-16: the header only looks garbled
+        if bad is not None:
+            raise DataError("file is not valid UTF-8", where=path, line=bad) from None
+        raise
     use = {role: col for role, col in use.items() if col is not None}
     row = "__uclr_row__"  # not a name a user's column would have
     lf = pl.scan_csv(path, **opts).with_row_index(row)

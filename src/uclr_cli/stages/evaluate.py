@@ -31,6 +31,7 @@ from uclr_cli.data.split import DEFAULT_BUCKETS, bucket_index, bucket_labels
 from uclr_cli.errors import ConfigError, DataError
 from uclr_cli.metrics import METRIC_NAMES, metrics_from_ranks, positive_ranks, rank_candidates
 from uclr_cli import checkpoint as ckpt
+from uclr_cli.stages import baseline as bl
 from uclr_cli.stages import common
 from uclr_cli.stages import variants as var
 
@@ -56,8 +57,8 @@ __all__ = [
 
 #: Floors scored on the same candidates in every evaluation (DESIGN §4).
 FLOORS: tuple[str, ...] = ("Random", "Pop")
-#: Baselines other than our variants; new ones go here, so they sit before PGE.
-BASELINES: tuple[str, ...] = ()
+#: Single-domain baselines (the paper's Table 2), trained by `uclr baseline`; they sit before PGE.
+BASELINES: tuple[str, ...] = ("BPRMF", "NeuMF", "LightGCN")
 #: The one order of models in every table, JSON payload and plot.
 MODEL_ORDER: tuple[str, ...] = (*FLOORS, *BASELINES, *var.VARIANTS)
 #: Label of the bucket holding every evaluated user.
@@ -213,9 +214,10 @@ def run(
     edges = check_buckets(buckets)
     labels = bucket_labels(edges)
     if variants is not None:
-        unknown = [v for v in variants if v not in var.VARIANTS]
+        known = (*BASELINES, *var.VARIANTS)
+        unknown = [v for v in variants if v not in known]
         if unknown:
-            raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(var.VARIANTS)}", "variants")
+            raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)}", "variants")
     dev = common.resolve_device(device)
     run_dir = Path(run_dir)
     seeds = find_seeds(run_dir)
@@ -225,7 +227,7 @@ def run(
     # Which seeds hold what; a seed without any checkpoint is skipped (e.g. an interrupted run).
     plan: list[tuple[int, Path, list[str]]] = []
     for s, sdir in seeds:
-        have = var.available(sdir, data)
+        have = bl.available(sdir, data) + var.available(sdir, data)
         if variants is not None:
             have = [v for v in have if v in variants]
         if not have:
@@ -283,6 +285,11 @@ def run(
             add(d, "Pop", s, pop_ranks[d])
         for v in have:
             note(f"seed {s}: {v}")
+            if v in BASELINES:  # single-domain models: rows for the domains they were trained on
+                for d, model in bl.models(sdir, v, data, dev):
+                    ev = ev_dev[d]
+                    add(d, v, s, bl.rank_model(model, ev.users, ev.pos, ev.negs))
+                continue
             tables = var.vectors(sdir, v, data, dev)
             for d in data.domains:
                 if d not in tables:

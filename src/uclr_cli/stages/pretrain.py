@@ -94,7 +94,7 @@ def run_seed(
     else:
         users.requires_grad_(True)
         items.requires_grad_(True)
-        opt = torch.optim.Adam([users, items], lr=cfg.lr)
+        opt = torch.optim.Adam([users, items], lr=cfg.lr, fused=True)
 
     start, best, best_epoch, bad = 1, -math.inf, 0, 0
     per_domain_best: dict[str, float] = {}

@@ -1,0 +1,359 @@
+"""Single-domain baselines of the paper's Table 2, trained on one domain's train interactions.
+
+* ``bprmf``: BPR-MF (a single-domain model, not the global PGE), row-wise Adam
+  as PGE's default;
+* ``neumf``: NeuMF, binary log loss on each positive and ``negatives`` sampled
+  negatives; with ``pretrain_towers`` GMF and MLP are trained alone first
+  (their own checkpoints ``baseline-gmf-<d>``/``baseline-mlp-<d>``) and NeuMF
+  starts from them with the output layer [α·h_gmf, (1-α)·h_mlp], α = 0.5.
+  Embeddings get sparse gradients and row-wise Adam, the layers Adam;
+* ``lightgcn``: LightGCN, BPR on the propagated embeddings + L2 on the batch's
+  ego embeddings, Adam.
+
+Negatives come from domain d (collisions with the user's train items
+redrawn), as in PGE. The rules are those of the other stages: checkpoint
+``seed-<s>/baseline-<name>-<domain>.safetensors`` (best epoch on the domain's
+validation NDCG@10), per-epoch resume state with optimizer and generator,
+early stopping, refusal of another stage, dataset or shape on load.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from uclr_cli import checkpoint as ckpt
+from uclr_cli.config import BASELINE_OPTIONS, BaselineConfig
+from uclr_cli.data.prepared import Dataset, sha256_file
+from uclr_cli.errors import CheckpointError, DataError
+from uclr_cli.losses import bpr_loss
+from uclr_cli.metrics import default_chunk, positive_ranks, rank_candidates, summarize
+from uclr_cli.models.baselines import BPRMF, LightGCN, NeuMF, SingleDomainModel, normalized_graph
+from uclr_cli.optim import BPRRowAdam, RowAdam, load_torch_optimizer_tensors, torch_optimizer_tensors
+from uclr_cli.stages import common
+from uclr_cli.stages.pretrain import NegativeSampler
+
+#: command-line names -> the names in evaluate's tables (paper's Table 2)
+DISPLAY = {"bprmf": "BPRMF", "neumf": "NeuMF", "lightgcn": "LightGCN"}
+NAMES = tuple(DISPLAY)
+#: NeuMF's towers, trained alone first with ``pretrain_towers``
+TOWERS = ("gmf", "mlp")
+#: weight of the GMF tower in the output layer of a NeuMF started from its towers (He et al., 2017)
+ALPHA = 0.5
+#: model-specific options each kind reads (the rest of BaselineConfig is shared)
+_OWN = {
+    "bprmf": (),
+    "lightgcn": ("layers",),
+    "neumf": ("negatives", "mlp_layers", "pretrain_towers"),
+    "gmf": ("negatives",),
+    "mlp": ("negatives", "mlp_layers"),
+}
+_KINDS = tuple(_OWN)
+
+
+def stage_name(kind: str) -> str:
+    return f"baseline-{kind}"
+
+
+def model_config(cfg: BaselineConfig, kind: str) -> dict:
+    """The part of ``cfg`` that ``kind`` reads: what its checkpoints record and what resume checks."""
+    skip = {"data", "run", "seeds", "domain", "model", *(set(BASELINE_OPTIONS) - set(_OWN[kind]))}
+    return {"model": kind, **cfg.model_dump(mode="json", exclude=skip)}
+
+
+def domain_graph(data: Dataset, d: int, device) -> torch.Tensor:
+    """LightGCN's normalised user-item graph of domain ``d``'s train interactions, on ``device``."""
+    lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
+    sel = data.train_domain == d
+    return normalized_graph(data.train_user[sel].to(device), data.train_item[sel].to(device) - lo, data.n_users, hi - lo)
+
+
+def build_model(kind: str, conf: dict, data: Dataset, d: int, device, gen: torch.Generator | None = None) -> SingleDomainModel:
+    """A fresh model of ``kind`` for domain ``d`` from a :func:`model_config` dict (initialised from ``gen``)."""
+    lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
+    shape = (data.n_users, hi - lo, lo, conf["dim"])
+    if gen is None:
+        gen = torch.Generator().manual_seed(0)
+    if kind == "bprmf":
+        model = BPRMF(*shape, init_std=conf["init_std"], gen=gen)
+    elif kind in ("neumf", "gmf", "mlp"):
+        model = NeuMF(*shape, conf.get("mlp_layers", [1]), kind=kind, init_std=conf["init_std"], gen=gen)
+    elif kind == "lightgcn":
+        model = LightGCN(*shape, conf["layers"], domain_graph(data, d, device), init_std=conf["init_std"], gen=gen)
+    else:
+        raise ValueError(f"unknown baseline {kind!r}")
+    return model.to(device)
+
+
+@torch.no_grad()
+def rank_model(model: SingleDomainModel, users: torch.Tensor, pos: torch.Tensor, negs: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Rank (R,) of each row's positive among its candidates under ``model`` (ties against it).
+
+    Dot-product models go through :func:`uclr_cli.metrics.rank_candidates`
+    (the fast path); others through their scorer, ``chunk`` rows at a time.
+    """
+    lo, hi = model.item_offset, model.item_offset + model.n_items
+    if len(users) and (min(int(pos.min()), int(negs.min())) < lo or max(int(pos.max()), int(negs.max())) >= hi):
+        raise DataError(f"candidates outside the model's domain items [{lo}, {hi})", "candidates")
+    tables = model.tables()
+    if tables is not None:
+        u, it = tables
+        return rank_candidates(u, it, users, pos - lo, negs - lo, chunk)
+    fn = model.scorer()
+    chunk = chunk or default_chunk(users.device)
+    out = []
+    for s in range(0, len(users), chunk):
+        cand = torch.cat([pos[s : s + chunk].unsqueeze(1), negs[s : s + chunk]], dim=1)
+        scores = fn(users[s : s + chunk], cand)
+        out.append(positive_ranks(scores[:, 0], scores[:, 1:]))
+    return torch.cat(out) if out else torch.empty((0,), dtype=torch.int64, device=users.device)
+
+
+def valid_score(model: SingleDomainModel, data: Dataset, domain: str, k: int = 10) -> float:
+    """NDCG@k on the domain's fixed validation candidates (NaN without rows)."""
+    dev = next(model.parameters()).device
+    ev = data.valid[domain].to(dev)
+    if len(ev.users) == 0:
+        return math.nan
+    return float(summarize(rank_model(model, ev.users, ev.pos, ev.negs), [k])[("ndcg", k)])
+
+
+class _Optimizers:
+    """The optimizers of one kind, saved and restored as named tensors.
+
+    BPRMF: the fused row-wise Adam BPR step. NeuMF and towers: row-wise Adam
+    on the embedding tables (sparse gradients) + Adam on the layers.
+    LightGCN: Adam on the ego tables (propagation touches every row).
+    """
+
+    def __init__(self, kind: str, model: SingleDomainModel, cfg: BaselineConfig):
+        self.kind, self.row, self.dense, self.names, self.tables = kind, None, None, [], {}
+        if kind == "bprmf":
+            self.row = BPRRowAdam(model.emb.data, model.n_users, lr=cfg.lr, reg=cfg.reg)
+        elif kind == "lightgcn":
+            self.names = ["user_emb", "item_emb"]
+            self.dense = torch.optim.Adam([model.user_emb, model.item_emb], lr=cfg.lr)
+        else:
+            emb = model.embedding_names()
+            self.tables = {n: getattr(model, n) for n in emb}
+            self.row = RowAdam({n: p.data for n, p in self.tables.items()}, lr=cfg.lr)
+            named = [(n, p) for n, p in model.named_parameters() if n not in emb]
+            self.names = [n for n, _ in named]
+            self.dense = torch.optim.Adam([p for _, p in named], lr=cfg.lr)
+
+    def zero_grad(self) -> None:
+        if self.dense is not None:
+            self.dense.zero_grad(set_to_none=True)
+        for p in self.tables.values():
+            p.grad = None
+
+    def step(self) -> None:
+        """After ``backward``: row-wise Adam on the rows with (sparse) gradients, Adam on the rest."""
+        if self.tables:
+            updates = {}
+            for n, p in self.tables.items():
+                if p.grad is not None:
+                    g = p.grad.coalesce()  # unique rows, duplicate rows summed
+                    updates[n] = (g.indices()[0], g.values())
+            self.row.step(updates)
+        if self.dense is not None:
+            self.dense.step()
+        self.zero_grad()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.row is not None:
+            out.update({f"row{k}": v for k, v in self.row.state_tensors().items()})  # rowopt.*: apart from Adam's opt.*
+        if self.dense is not None:
+            out.update(torch_optimizer_tensors(self.dense, self.names))
+        return out
+
+    def load_state_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        if self.row is not None:
+            self.row.load_state_tensors({k[3:]: v for k, v in t.items() if k.startswith("rowopt.")})
+        if self.dense is not None:
+            load_torch_optimizer_tensors(self.dense, self.names, t)
+
+
+def run_domain(
+    cfg: BaselineConfig,
+    data: Dataset,
+    run_dir: Path,
+    seed: int,
+    domain: str,
+    *,
+    kind: str | None = None,
+    resume: bool = False,
+    progress: common.Progress | None = None,
+) -> common.SeedResult:
+    """Train baseline ``kind`` (default ``cfg.model``) for one seed on one domain.
+
+    Writes ``seed-<s>/baseline-<kind>-<domain>.safetensors`` (best epoch on
+    the domain's validation NDCG@10) and its per-epoch resume state.
+    """
+    kind = kind or cfg.model
+    if kind not in _KINDS:
+        raise ValueError(f"unknown baseline {kind!r}")
+    device = common.resolve_device(cfg.device)
+    d = data.domain_index(domain)
+    domain = data.domains[d]
+    lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
+    stage = stage_name(kind)
+    out_dir = common.seed_dir(run_dir, seed)
+    name = ckpt.baseline_name(kind, domain)
+    best_path, state_path = out_dir / name, out_dir / ckpt.resume_name(name)
+    config = model_config(cfg, kind)
+    timer = common.Timer()
+
+    towers: dict[str, str] = {}
+    if kind == "neumf" and cfg.pretrain_towers:  # GMF and MLP alone first, each with its own checkpoint
+        for t in TOWERS:
+            run_domain(cfg, data, run_dir, seed, domain, kind=t, resume=resume, progress=progress)
+            towers[t] = sha256_file(out_dir / ckpt.baseline_name(t, domain))
+    k = _KINDS.index(kind)
+    init_gen = torch.Generator().manual_seed(seed * 7919 + 101 * d + k)
+    model = build_model(kind, config, data, d, device, init_gen)
+    if towers:
+        model.init_from_towers(*(load_model(out_dir, t, data, domain, device) for t in TOWERS), alpha=ALPHA)
+    opt = _Optimizers(kind, model, cfg)
+    gen = common.generator(device, seed, 100 + 8 * d + k)
+    meta_extra = dict(domain=domain, dim=cfg.dim, n_users=data.n_users, item_offset=lo, n_items=hi - lo)
+    if towers:
+        meta_extra["towers_sha256"] = towers
+
+    def save(path: Path, stage_: str, epoch: int, best: float, tensors: dict, **extra) -> None:
+        meta = common.base_meta(stage_, data, seed, config, epoch=epoch, best_score=best, **meta_extra, **extra)
+        ckpt.save(path, tensors, meta)
+
+    start, best, best_epoch, bad = 1, -math.inf, 0, 0
+    if resume and state_path.is_file():
+        expect = {"config": config, "seed": seed, "domain": domain, "towers_sha256": towers or None}
+        t, meta = ckpt.load(state_path, stage=stage + "-resume", fingerprint=data.fingerprint, expect=expect)
+        try:
+            model.load_tensors({n: t[n] for n in model.tensors()})
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"resume state does not match the model ({e})", state_path) from None
+        opt.load_state_tensors(t)
+        gen.set_state(t["rng"].to(torch.uint8))
+        start, best, best_epoch, bad = meta["epoch"] + 1, meta["best_score"], meta["best_epoch"], meta["bad"]
+        if meta.get("done"):
+            start = cfg.epochs + 1
+
+    sel = data.train_domain == d
+    tu, ti = data.train_user[sel].to(device), data.train_item[sel].to(device)
+    td = torch.full_like(tu, d)
+    sampler = NegativeSampler(data, device)
+    n_neg = cfg.negatives if kind in ("neumf", "gmf", "mlp") else 1
+    n = len(tu)
+    epochs_run = start - 1
+    for epoch in range(start, cfg.epochs + 1):
+        epochs_run = epoch
+        t0 = common.Timer()
+        perm = torch.randperm(n, generator=gen, device=device)
+        total = torch.zeros((), device=device)
+        model.train()
+        for s in range(0, n, cfg.batch_size):
+            idx = perm[s : s + cfg.batch_size]
+            u, i = tu[idx], ti[idx]
+            if kind == "bprmf":
+                j = sampler(u, td[idx], gen)
+                loss = opt.row.step(u, i - lo, j - lo)
+            elif kind == "lightgcn":
+                j = sampler(u, td[idx], gen)
+                loss = lightgcn_objective(model, u, i - lo, j - lo, cfg.reg)
+                loss.backward()
+                opt.step()
+            else:  # NeuMF and its towers: log loss on the positive and `n_neg` negatives of each row
+                uu = u.repeat_interleave(n_neg)
+                j = sampler(uu, td[idx].repeat_interleave(n_neg), gen)
+                loss = neumf_objective(model, u, i, uu, j, cfg.reg)
+                loss.backward()
+                opt.step()
+            total += loss.detach() * len(idx)
+        epoch_loss = float(total) / max(n, 1)
+        common.check_finite(epoch_loss, f"{stage} {domain}", seed, epoch)
+        speed = n / max(t0.elapsed(), 1e-9)
+
+        score = None
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            model.eval()
+            score = valid_score(model, data, domain)
+            if score > best:
+                best, best_epoch, bad = score, epoch, 0
+                save(best_path, stage, epoch, best, model.tensors())
+            else:
+                bad += 1
+        done = bad >= cfg.patience or epoch == cfg.epochs
+        state = {**model.tensors(), **opt.state_tensors(), "rng": gen.get_state()}
+        save(state_path, stage + "-resume", epoch, best, state, best_epoch=best_epoch, bad=bad, done=done)
+        if progress:
+            progress(common.EpochEvent(f"{stage} {domain}", seed, epoch, cfg.epochs, epoch_loss, score, speed, best, best_epoch))
+        if done:
+            break
+
+    if not best_path.is_file():  # zero epochs: save the initial model
+        model.eval()
+        best, best_epoch = valid_score(model, data, domain), 0
+        save(best_path, stage, 0, best, model.tensors())
+    return common.SeedResult(
+        f"{stage} {domain}", seed, best_path, best_epoch, best, epochs_run, timer.elapsed(), {domain: best}, {"domain": domain}
+    )
+
+
+def lightgcn_objective(model: LightGCN, u: torch.Tensor, i: torch.Tensor, j: torch.Tensor, reg: float) -> torch.Tensor:
+    """BPR on the propagated embeddings + λ·mean squared norm of the batch's ego rows (``i``, ``j`` local)."""
+    users, items = model.propagate()
+    eu = users[u]
+    loss = bpr_loss((eu * items[i]).sum(1), (eu * items[j]).sum(1))
+    if reg:
+        e0u, e0i, e0j = model.user_emb[u], model.item_emb[i], model.item_emb[j]
+        loss = loss + reg * (e0u.pow(2).sum(1) + e0i.pow(2).sum(1) + e0j.pow(2).sum(1)).mean()
+    return loss
+
+
+def neumf_objective(model: NeuMF, u: torch.Tensor, i: torch.Tensor, uu: torch.Tensor, j: torch.Tensor, reg: float) -> torch.Tensor:
+    """Binary log loss over positives (u, i) and negatives (uu, j), averaged over all pairs, + λ·L2 of the rows used."""
+    pos, sq_pos = model(u, i)
+    neg, sq_neg = model(uu, j)
+    n = pos.numel() + neg.numel()
+    loss = (F.softplus(-pos).sum() + F.softplus(neg).sum()) / n  # -log σ(pos) and -log(1-σ(neg))
+    if reg:
+        loss = loss + reg * (sq_pos.sum() + sq_neg.sum()) / n
+    return loss
+
+
+def load_model(seed_dir: Path, kind: str, data: Dataset, domain: str, device) -> SingleDomainModel:
+    """The trained baseline ``kind`` of ``domain``, checked against the dataset, domain and shapes."""
+    d = data.domain_index(domain)
+    lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
+    path = Path(seed_dir) / ckpt.baseline_name(kind, domain)
+    expect = {"domain": domain, "n_users": data.n_users, "item_offset": lo, "n_items": hi - lo}
+    t, meta = ckpt.load(path, stage=stage_name(kind), fingerprint=data.fingerprint, expect=expect)
+    conf = meta.get("config")
+    if not isinstance(conf, dict) or conf.get("dim") != meta.get("dim") or conf.get("model") != kind:
+        raise CheckpointError("checkpoint metadata is inconsistent (config, dim or model)", path)
+    model = build_model(kind, conf, data, d, device)
+    try:
+        model.load_tensors(t)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint does not match its model ({e})", path) from None
+    model.eval()
+    return model
+
+
+def available(seed_dir: Path, data: Dataset) -> list[str]:
+    """Display names of the baselines with a checkpoint for at least one domain in ``seed_dir``."""
+    seed_dir = Path(seed_dir)
+    return [DISPLAY[k] for k in NAMES if any((seed_dir / ckpt.baseline_name(k, d)).is_file() for d in data.domains)]
+
+
+def models(seed_dir: Path, display: str, data: Dataset, device) -> Iterator[tuple[str, SingleDomainModel]]:
+    """(domain, model) of baseline ``display`` (e.g. "NeuMF") for every domain it was trained on, loaded one at a time."""
+    kind = next(k for k, v in DISPLAY.items() if v == display)
+    for d in data.domains:
+        if (Path(seed_dir) / ckpt.baseline_name(kind, d)).is_file():
+            yield d, load_model(seed_dir, kind, data, d, device)
