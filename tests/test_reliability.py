@@ -293,12 +293,6 @@ def test_nan_keeps_last_good_checkpoint_and_resume_completes(tiny_data, tmp_path
         assert same_tensors(tmp_path / "ref" / "seed-0" / name, sd / name), name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="--resume refuses any config change (stages pass expect={'config': config}); lr must be allowed to "
-    "differ: pass may_differ={'config': ckpt.RESUME_MAY_DIFFER} to ckpt.load of the resume state in "
-    "stages/pretrain.py, contrast.py and finetune.py",
-)
 def test_resume_after_nan_with_lower_lr(tiny_data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     args = ["pretrain", *PRE, "--epochs", "5", "--patience", "10", "--data", tiny_data, "--run", run]

@@ -89,7 +89,9 @@ def show_ablation(ds, run_dir: Path, ks: list[int], device: str) -> None:
     from uclr_cli import report
     from uclr_cli.stages import evaluate
 
-    result = evaluate.run(ds, run_dir, split="test", ks=ks, device=device)
+    from uclr_cli.stages.variants import VARIANTS
+
+    result = evaluate.run(ds, run_dir, split="test", ks=ks, device=device, variants=list(VARIANTS))
     for w in result.warnings:
         common.warn(w)
     console = common.out()

@@ -232,7 +232,7 @@ def run_domain(
     start, best, best_epoch, bad = 1, -math.inf, 0, 0
     if resume and state_path.is_file():
         expect = {"config": config, "seed": seed, "domain": domain, "towers_sha256": towers or None}
-        t, meta = ckpt.load(state_path, stage=stage + "-resume", fingerprint=data.fingerprint, expect=expect)
+        t, meta = ckpt.load(state_path, stage=stage + "-resume", fingerprint=data.fingerprint, expect=expect, may_differ={"config": ckpt.RESUME_MAY_DIFFER})
         try:
             model.load_tensors({n: t[n] for n in model.tensors()})
         except (KeyError, ValueError) as e:
@@ -240,7 +240,7 @@ def run_domain(
         opt.load_state_tensors(t)
         gen.set_state(t["rng"].to(torch.uint8))
         start, best, best_epoch, bad = meta["epoch"] + 1, meta["best_score"], meta["best_epoch"], meta["bad"]
-        if meta.get("done"):
+        if meta["bad"] >= cfg.patience or meta["epoch"] >= cfg.epochs:  # finished (a larger --epochs continues)
             start = cfg.epochs + 1
 
     sel = data.train_domain == d

@@ -144,14 +144,14 @@ def run_seed(
     per_domain_best = score()  # epoch 0: the untrained autoencoder, for reference only
     best = -math.inf
     if resume and state_path.is_file():
-        t, meta = ckpt.load(state_path, stage=STAGE + "-resume", fingerprint=data.fingerprint, expect={"config": config, "seed": seed, "pretrain_sha256": pre_sha})
+        t, meta = ckpt.load(state_path, stage=STAGE + "-resume", fingerprint=data.fingerprint, expect={"config": config, "seed": seed, "pretrain_sha256": pre_sha}, may_differ={"config": ckpt.RESUME_MAY_DIFFER})
         load_ae(ae, t)
         temps.load(t)
         opt.load_state_dict(_opt_state_from(t, opt))
         gen.set_state(t["rng"].to(torch.uint8))
         start, best, best_epoch, bad = meta["epoch"] + 1, meta["best_score"], meta["best_epoch"], meta["bad"]
         per_domain_best = meta["per_domain"]
-        if meta.get("done"):
+        if meta["bad"] >= cfg.patience or meta["epoch"] >= cfg.epochs:  # finished (a larger --epochs continues)
             start = cfg.epochs + 1
 
     n = data.n_users

@@ -17,6 +17,7 @@ import torch
 
 from uclr_cli import checkpoint as ckpt
 from uclr_cli.config import ContrastConfig, FinetuneConfig
+from uclr_cli.errors import ConfigError
 from uclr_cli.data.prepared import Dataset, sha256_file
 from uclr_cli.models.autoencoder import AutoEncoder
 from uclr_cli.models.lora import LoRAEmbedding
@@ -61,6 +62,8 @@ def run_domain(
     timer = common.Timer()
 
     users_e, items_e, _ = common.load_pretrain(pre_path, data)
+    if cfg.rank > users_e.shape[1]:
+        raise ConfigError(f"rank {cfg.rank} is larger than the embedding size {users_e.shape[1]}", "--rank")
     pre_sha, con_sha = sha256_file(pre_path), sha256_file(con_path)
     ae, temps, ccfg, _ = load_contrast(con_path, data, pre_sha, device)
     lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
@@ -102,7 +105,7 @@ def run_domain(
     per_domain_best = score()
     best, best_epoch, bad, start = common.mean_score(per_domain_best), 0, 0, 1
     if resume and state_path.is_file():
-        t, meta = ckpt.load(state_path, stage=STAGE + "-resume", fingerprint=data.fingerprint, expect={"config": config, "seed": seed, "contrast_sha256": con_sha, "domain": domain})
+        t, meta = ckpt.load(state_path, stage=STAGE + "-resume", fingerprint=data.fingerprint, expect={"config": config, "seed": seed, "contrast_sha256": con_sha, "domain": domain}, may_differ={"config": ckpt.RESUME_MAY_DIFFER})
         with torch.no_grad():
             lora.lora_a.copy_(t["lora_a"])
             lora.lora_b.copy_(t["lora_b"])
@@ -116,7 +119,7 @@ def run_domain(
         gen.set_state(t["rng"].to(torch.uint8))
         start, best, best_epoch, bad = meta["epoch"] + 1, meta["best_score"], meta["best_epoch"], meta["bad"]
         per_domain_best = meta["per_domain"]
-        if meta.get("done"):
+        if meta["bad"] >= cfg.patience or meta["epoch"] >= cfg.epochs:  # finished (a larger --epochs continues)
             start = cfg.epochs + 1
     else:
         save_best(0, best)  # the zero adapter: exactly the contrast model

@@ -99,7 +99,7 @@ def run_seed(
     start, best, best_epoch, bad = 1, -math.inf, 0, 0
     per_domain_best: dict[str, float] = {}
     if resume and state_path.is_file():
-        t, meta = ckpt.load(state_path, stage=STAGE + "-resume", fingerprint=data.fingerprint, expect={"config": config, "seed": seed})
+        t, meta = ckpt.load(state_path, stage=STAGE + "-resume", fingerprint=data.fingerprint, expect={"config": config, "seed": seed}, may_differ={"config": ckpt.RESUME_MAY_DIFFER})
         with torch.no_grad():
             users.copy_(t["user_emb"])
             items.copy_(t["item_emb"])
@@ -110,7 +110,7 @@ def run_seed(
         gen.set_state(t["rng"].to(torch.uint8))
         start, best, best_epoch, bad = meta["epoch"] + 1, meta["best_score"], meta["best_epoch"], meta["bad"]
         per_domain_best = meta["per_domain"]
-        if meta.get("done"):
+        if meta["bad"] >= cfg.patience or meta["epoch"] >= cfg.epochs:  # finished (a larger --epochs continues)
             start = cfg.epochs + 1
 
     n = len(tu)
