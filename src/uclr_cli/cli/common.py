@@ -26,8 +26,8 @@ STATE = State()
 
 
 def out() -> Console:
-    """Console for results (stdout)."""
-    return Console(highlight=False, soft_wrap=True)
+    """Console for results (stdout); tables are not squeezed to 80 columns when piped to a file."""
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 def err() -> Console:
