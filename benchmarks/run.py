@@ -43,25 +43,31 @@ def uclr(*args: str, cwd: Path) -> tuple[float, float]:
     return wall, peak_kb / 1024**2
 
 
-def write_amazon_csv(path: Path, n_rows: int, seed: int = 0) -> None:
-    """A 2014-format ratings CSV (user,item,rating,timestamp, no header) with Zipf-like ids."""
+def write_amazon_csv(path: Path, n_rows: int, seed: int = 0, user_offset: int = 0) -> None:
+    """A 2014-format ratings CSV (user,item,rating,timestamp, no header), skewed activity and popularity.
+
+    Like the real categories, two files share only part of their users: ids start at ``user_offset``.
+    """
     import polars as pl
 
     rng = np.random.default_rng(seed)
-    n_users, n_items = n_rows // 8, n_rows // 12
+    n_users, n_items = max(n_rows // 8, 10), max(n_rows // 12, 10)
     chunk = 5_000_000
     with open(path, "wb") as f:
         for s in range(0, n_rows, chunk):
             n = min(chunk, n_rows - s)
-            u = np.minimum(rng.zipf(1.3, n), n_users) + rng.integers(0, n_users, n) % n_users
-            i = np.minimum(rng.zipf(1.2, n), n_items) + rng.integers(0, n_items, n) % n_items
             df = pl.DataFrame(
                 {
-                    "user": pl.Series(u % n_users).cast(pl.String).str.zfill(12).map_batches(lambda x: "A" + x),
-                    "item": pl.Series(i % n_items).cast(pl.String).str.zfill(10),
-                    "rating": pl.Series(rng.integers(1, 6, n).astype(np.float64)),
-                    "ts": pl.Series(rng.integers(900_000_000, 1_400_000_000, n)),
+                    "u": user_offset + (n_users * rng.random(n) ** 3).astype(np.int64),  # a few very active users
+                    "i": (n_items * rng.random(n) ** 2).astype(np.int64),  # popular items
+                    "rating": rng.integers(1, 6, n).astype(np.float64),
+                    "ts": rng.integers(900_000_000, 1_400_000_000, n),
                 }
+            ).select(
+                pl.concat_str([pl.lit("A"), pl.col("u").cast(pl.String).str.zfill(13)]).alias("user"),
+                pl.col("i").cast(pl.String).str.zfill(10).alias("item"),
+                "rating",
+                "ts",
             )
             df.write_csv(f, include_header=False)
 
@@ -70,10 +76,10 @@ def bench_prepare(work: Path, quick: bool) -> None:
     n = 2_000_000 if quick else 20_000_000
     raw = work / "amazon_raw"
     raw.mkdir(exist_ok=True)
-    for name in ("ratings_Books.csv", "ratings_Movies_and_TV.csv"):
+    for k, name in enumerate(("ratings_Books.csv", "ratings_Movies_and_TV.csv")):
         p = raw / name
-        if not p.exists():
-            write_amazon_csv(p, n // 2, seed=len(name))
+        if not p.exists():  # the second file's users overlap the first's lowest ~10 % of ids... shifted
+            write_amazon_csv(p, n // 2, seed=k, user_offset=k * (n // 2 // 8) * 9 // 10)
     wall, peak = uclr("prepare", "amazon", str(raw), "--out", str(work / "amazon_prep"), cwd=work)
     row(f"prepare amazon, {n / 1e6:.0f}M raw rows: wall", f"{wall:.1f} s", "<= 60 s" if not quick else "")
     row(f"prepare amazon, {n / 1e6:.0f}M raw rows: peak RSS", f"{peak:.2f} GB", "<= 4 GB" if not quick else "")

@@ -15,6 +15,9 @@ import polars as pl
 from uclr_cli.data.raw import RawDomain
 from uclr_cli.errors import DataError
 
+#: Rows per candidate-sampling chunk.
+NEG_CHUNK = 65_536
+
 #: Activity buckets (train interactions per user and domain) used in every report.
 DEFAULT_BUCKETS: tuple[int, ...] = (0, 1, 3, 6, 21)
 
@@ -254,11 +257,19 @@ def build_tables(
                 excluded[name] = int((~can).sum())
             rd = rd.filter(pl.Series(can))
             u = rd.get_column("user").to_numpy()
-            neg = sample_negatives(u, lo, hi, keys, rd.get_column("touched").to_numpy(), n_items, negatives, rng)
+            touched = rd.get_column("touched").to_numpy()
+            # chunks of rows keep the rejection matrices small (memory ~ chunk x 2·negatives)
+            neg = np.concatenate(
+                [
+                    sample_negatives(u[c : c + NEG_CHUNK], lo, hi, keys, touched[c : c + NEG_CHUNK], n_items, negatives, rng)
+                    for c in range(0, len(u), NEG_CHUNK)
+                ]
+                or [np.zeros((0, negatives), dtype=np.int64)]
+            ).astype(np.int32)
             kept.append(rd.select(["user", "domain", "item"]))
             negs.append(neg)
         tab = pl.concat(kept)
-        neg_all = np.concatenate(negs).astype(np.int32)
+        neg_all = np.concatenate(negs)
         evals[split_name] = tab.with_columns(
             pl.Series("negatives", neg_all, dtype=pl.Array(pl.Int32, negatives)).cast(pl.List(pl.Int32))
         )
