@@ -68,18 +68,19 @@ def _combined(raw: list[RawDomain], min_rating: float | None) -> pl.LazyFrame:
     return lf
 
 
-def _drop_items(df: pl.DataFrame, n_domains: int, frac: float, rng: np.random.Generator) -> tuple[pl.DataFrame, list[int]]:
+def _drop_items(lf: pl.LazyFrame, n_domains: int, frac: float, rng: np.random.Generator) -> tuple[pl.LazyFrame, list[int]]:
     """Remove ``frac`` of each domain's items at random (the paper's Amazon setting)."""
+    present = lf.select(["domain", "item"]).unique().collect()
     dropped_counts = []
     drops = []
     for d in range(n_domains):
-        items = df.filter(pl.col("domain") == d).get_column("item").unique().sort().to_numpy()
+        items = present.filter(pl.col("domain") == d).get_column("item").sort().to_numpy()
         n_drop = int(round(frac * len(items)))
         chosen = items[rng.permutation(len(items))[:n_drop]] if n_drop else items[:0]
         dropped_counts.append(n_drop)
         drops.append(pl.DataFrame({"domain": pl.Series([d] * n_drop, dtype=pl.Int16), "item": pl.Series(chosen, dtype=pl.String)}))
     gone = pl.concat(drops)
-    return df.join(gone, on=["domain", "item"], how="anti"), dropped_counts
+    return lf.join(gone.lazy(), on=["domain", "item"], how="anti"), dropped_counts
 
 
 def _first_unique_mask(mat: np.ndarray) -> np.ndarray:
@@ -159,26 +160,30 @@ def build_tables(
     n_dom = len(raw)
     rng = np.random.default_rng(seed)
 
-    # Keep the earliest of duplicate (user, item) pairs: by time, ties by file order.
-    df = (
-        _combined(raw, min_rating)
-        .sort(["domain", "user", "ts", "line"], nulls_last=True)
-        .unique(subset=["domain", "user", "item"], keep="first", maintain_order=True)
-        .collect()
-    )
+    lf = _combined(raw, min_rating).drop("rating")
+    counts = lf.group_by("domain").len().collect()
     for d, name in enumerate(names):
-        if df.filter(pl.col("domain") == d).height == 0:
+        if d not in set(counts.get_column("domain").to_list()):
             raise DataError(f"domain '{name}' has no interactions left after filtering", where[name])
 
     dropped = [0] * n_dom
     if drop_items > 0:
-        df, dropped = _drop_items(df, n_dom, drop_items, rng)
+        lf, dropped = _drop_items(lf, n_dom, drop_items, rng)
 
-    # The overlapped user set U: users present in every domain.
-    shared = df.group_by("user").agg(pl.col("domain").n_unique().alias("nd")).filter(pl.col("nd") == n_dom)
+    # The overlapped user set U: users present in every domain. Filtering to it before
+    # the sort keeps memory to the overlap (on real data a small share of the raw rows).
+    shared = (
+        lf.select(["domain", "user"]).unique().group_by("user").len().filter(pl.col("len") == n_dom).select("user").collect()
+    )
     if shared.height == 0:
         raise DataError("no user is present in every domain", ", ".join(str(where[n]) for n in names))
-    df = df.join(shared.select("user"), on="user", how="semi")
+    # Keep the earliest of duplicate (user, item) pairs: by time, ties by file order.
+    df = (
+        lf.join(shared.lazy(), on="user", how="semi")
+        .sort(["domain", "user", "ts", "line"], nulls_last=True)
+        .unique(subset=["domain", "user", "item"], keep="first", maintain_order=True)
+        .collect()
+    )
 
     # Indices: users sorted by id; items grouped by domain (contiguous ranges), sorted by id.
     users = shared.select(pl.col("user").sort().alias("user_id")).with_row_index("user_idx").with_columns(
