@@ -35,7 +35,7 @@ def fmt(vals: list[float]) -> str:
 
 def table(title: str, rows: dict[str, list], domains: list[str]) -> Table:
     t = Table(title=title)
-    t.add_column("setting")
+    t.add_column("setting", no_wrap=True)
     for d in [*domains, "mean", "best epochs", "s/seed"]:
         t.add_column(d, justify="right")
     for name, results in rows.items():
