@@ -124,7 +124,9 @@ def eval_tables(report, by_activity: bool = False, models: list[str] | None = No
         n_users = cells[(d, present[0], "all", cols[0][0], cols[0][1])].n_users
         for j, m in enumerate(present):
             first = f"{d} ({n_users:,})" if j == 0 else ""
-            t.add_row(first, m, *seeds_cell(d, m, "all"), *_eval_metric_cells(cells, best, d, m, "all", cols))
+            # a rule between the blocks of Table 2: floors | single-domain baselines | ours
+            end = j + 1 < len(present) and _block(present[j + 1]) != _block(m)
+            t.add_row(first, m, *seeds_cell(d, m, "all"), *_eval_metric_cells(cells, best, d, m, "all", cols), end_section=end)
     tables = [t]
     if by_activity:
         a = Table(
@@ -158,6 +160,12 @@ def eval_tables(report, by_activity: bool = False, models: list[str] | None = No
                     )
         tables.append(a)
     return tables
+
+
+def _block(model: str) -> int:
+    from uclr_cli.stages.evaluate import BASELINES, FLOORS
+
+    return 0 if model in FLOORS else 1 if model in BASELINES else 2
 
 
 def eval_json(report) -> str:
