@@ -122,10 +122,6 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
-def rng_state(gen: torch.Generator) -> torch.Tensor:
-    return gen.get_state().clone()
-
-
 def load_pretrain(path: Path, data: Dataset) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """User and item tables of a PGE checkpoint, checked against the dataset."""
     t, meta = ckpt.load(path, stage="pretrain", fingerprint=data.fingerprint)
