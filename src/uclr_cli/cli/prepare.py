@@ -33,7 +33,7 @@ def prepare(
     interactions: str | None = typer.Option(None, "--interactions", help="synthetic: interactions per domain, comma-separated."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
 ) -> None:
-    """Turn raw logs into reproducible splits with fixed candidates (DESIGN §2)."""
+    """Turn raw logs into reproducible leave-one-out splits with fixed candidates."""
     values = dict(
         source=source,
         raw=raw,
