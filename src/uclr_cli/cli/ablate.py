@@ -61,7 +61,7 @@ def ablate(
         eta = f", about {ev.eta_s / 60:.1f} min left" if ev.eta_s is not None else ""
         common.info(f"[{ev.index}/{ev.total}] {what}{' (done, skipped)' if ev.skipped else ''}{eta}")
 
-    with training.Reporter("ablate", len(seed_list)) as rep:
+    with training.Reporter("ablate") as rep:
         stage.run(ds, run_dir, seed_list, domain_list, cfgs["pretrain"], cfgs["contrast"], cfgs["finetune"], on_step=on_step, progress=rep)
     show_ablation(ds, run_dir, common.csv_list(k, "--k", int), device or top.get("device", "auto"))
 

@@ -102,14 +102,13 @@ def write_config(run_dir: Path, stage: str, cfg: cfgmod.StageConfig, data) -> No
 class Reporter:
     """Per-epoch progress: a Rich bar on a terminal, plain log lines otherwise."""
 
-    def __init__(self, stage: str, total_seeds: int):
+    def __init__(self, stage: str):
         self.stage = stage
         self.quiet = common.STATE.quiet
         self.tty = sys.stdout.isatty()
         self.console = common.out()
         self.progress: Progress | None = None
         self.task = None
-        self.total_seeds = total_seeds
 
     def __enter__(self) -> "Reporter":
         if self.tty and not self.quiet:
@@ -156,7 +155,7 @@ def summary_table(stage: str, results: list[SeedResult], domains: list[str]) -> 
 
 def run_seeds(stage: str, seeds: list[int], fn: Callable[[int, Reporter], SeedResult | list[SeedResult]]) -> list[SeedResult]:
     results: list[SeedResult] = []
-    with Reporter(stage, len(seeds)) as rep:
+    with Reporter(stage) as rep:
         for s in seeds:
             r = fn(s, rep)
             results.extend(r if isinstance(r, list) else [r])

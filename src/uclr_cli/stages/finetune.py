@@ -169,10 +169,8 @@ def run_domain(
             else:
                 bad += 1
         done = bad >= cfg.patience or epoch == cfg.epochs
+        # trained_tensors() holds the adapter and every trained part; τ state rides along for resume
         tensors = {**trained_tensors(), **temps.tensors(), **torch_optimizer_tensors(opt, list(params)), "rng": gen.get_state()}
-        tensors["lora_a"], tensors["lora_b"] = lora.lora_a, lora.lora_b
-        if cfg.train_ae:
-            tensors.update(ae_tensors(ae))
         meta = common.base_meta(
             STAGE + "-resume", data, seed, config, epoch=epoch, best_score=best, best_epoch=best_epoch, bad=bad,
             per_domain=per_domain_best, done=done, **meta_extra,
