@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from uclr_cli.optim import BPRRowAdam, RowAdam
 from uclr_cli.stages.pretrain import bpr_objective
 
 
-def test_fused_step_matches_autograd_reference():
+@pytest.mark.parametrize("b1", [0.9, 0.0])  # rowwise-adam, rowwise-rmsprop
+def test_fused_step_matches_autograd_reference(b1):
     g = torch.Generator().manual_seed(0)
     n_users, n_items, m = 7, 11, 5
     users = torch.randn(n_users, m, generator=g, dtype=torch.float64)
     items = torch.randn(n_items, m, generator=g, dtype=torch.float64)
     emb = torch.cat([users, items]).clone()
-    fused = BPRRowAdam(emb, n_users, lr=0.01, reg=0.1)
+    fused = BPRRowAdam(emb, n_users, lr=0.01, reg=0.1, betas=(b1, 0.999))
     ref_u, ref_i = users.clone(), items.clone()
-    ref = RowAdam({"u": ref_u, "i": ref_i}, lr=0.01)
+    ref = RowAdam({"u": ref_u, "i": ref_i}, lr=0.01, betas=(b1, 0.999))
     for _ in range(6):
         u = torch.randint(0, n_users, (9,), generator=g)  # repeats on purpose
         i = torch.randint(0, n_items, (9,), generator=g)
@@ -34,16 +36,30 @@ def test_fused_step_matches_autograd_reference():
     assert torch.allclose(emb[n_users:], ref_i, atol=1e-12)
 
 
-def test_untouched_rows_unchanged_and_state_round_trip():
+@pytest.mark.parametrize("b1", [0.9, 0.0])
+def test_untouched_rows_unchanged_and_state_round_trip(b1):
     emb = torch.randn(10, 4, dtype=torch.float64)
     before = emb.clone()
-    opt = BPRRowAdam(emb, 4, lr=0.1, reg=0.0)
+    opt = BPRRowAdam(emb, 4, lr=0.1, reg=0.0, betas=(b1, 0.999))
     opt.step(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([2, 2]))
     touched = {0, 1, 4, 5, 6}
     for r in range(10):
         assert torch.equal(emb[r], before[r]) == (r not in touched)
-    other = BPRRowAdam(emb.clone(), 4, lr=0.1, reg=0.0)
+    other = BPRRowAdam(emb.clone(), 4, lr=0.1, reg=0.0, betas=(b1, 0.999))
+    assert ("opt.m" in opt.state_tensors()) == bool(b1)  # no first moment is kept without momentum
     other.load_state_tensors(opt.state_tensors())
     a = opt.step(torch.tensor([2]), torch.tensor([3]), torch.tensor([0]))
     b = other.step(torch.tensor([2]), torch.tensor([3]), torch.tensor([0]))
     assert torch.equal(a, b) and torch.equal(opt.emb, other.emb)
+
+
+def test_without_momentum_a_touched_row_moves_by_lr_times_g_over_root_v():
+    """beta1 = 0: the first step moves each touched row by -lr * g / (|g| + eps) per coordinate (bias-corrected v = g²)."""
+    emb = torch.tensor([[1.0, -2.0], [0.5, 0.25], [-1.0, 1.0]], dtype=torch.float64)  # 1 user, 2 items
+    before = emb.clone()
+    opt = BPRRowAdam(emb, 1, lr=0.1, reg=0.0, betas=(0.0, 0.999), eps=0.0)
+    opt.step(torch.tensor([0]), torch.tensor([0]), torch.tensor([1]))
+    eu, ei, ej = before
+    coef = -torch.sigmoid(-(eu * (ei - ej)).sum())
+    grads = torch.stack([coef * (ei - ej), coef * eu, -coef * eu])
+    torch.testing.assert_close(emb, before - 0.1 * torch.sign(grads), rtol=1e-12, atol=1e-12)

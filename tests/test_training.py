@@ -112,6 +112,21 @@ def test_same_seed_bit_identical_other_seed_differs(data, tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "rowwise-adam", "rowwise-rmsprop"])
+def test_pretrain_continued_with_more_epochs_equals_one_run(data, tmp_path, optimizer):
+    """2 epochs, then --resume with 4, gives the 4-epoch run bit for bit (optimizer state is saved)."""
+    cfg = {**FAST_PRE, "optimizer": optimizer, "patience": 10}
+    pretrain.run_seed(PretrainConfig(**{**cfg, "epochs": 2}), data, tmp_path / "cut", 0)
+    cut = pretrain.run_seed(PretrainConfig(**{**cfg, "epochs": 4}), data, tmp_path / "cut", 0, resume=True)
+    ref = pretrain.run_seed(PretrainConfig(**{**cfg, "epochs": 4}), data, tmp_path / "ref", 0)
+    a, b = load_file(str(ref.path)), load_file(str(cut.path))
+    assert cut.epochs_run == ref.epochs_run == 4 and ref.best_epoch == cut.best_epoch
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the resume state carries the moments: m only where there is momentum
+    state = load_file(str(tmp_path / "cut" / "seed-0" / ckpt.resume_name(ckpt.PRETRAIN)))
+    assert ("opt.m" in state) == (optimizer == "rowwise-adam")
+
+
 def test_missing_earlier_stage_refused(data, tmp_path):
     with pytest.raises(DataError, match="pretrain checkpoint is missing"):
         contrast.run_seed(ContrastConfig(**FAST_CON), data, tmp_path, 0)

@@ -115,9 +115,10 @@ class PretrainConfig(TrainConfig):
     dim: int = Field(128, ge=1)
     reg: float = Field(1e-5, ge=0)
     init_std: float = Field(0.1, gt=0)
-    # Dense Adam is the paper's setting. Row-wise Adam is 3-10x faster but scored
-    # 0.2 NDCG points lower on Douban validation (docs/results.md), so it is opt-in.
-    optimizer: Literal["rowwise-adam", "adam"] = "adam"
+    # "adam": dense Adam, the paper's setting. "rowwise-adam": Adam on the rows a
+    # batch touches (lazy Adam). "rowwise-rmsprop": the same with beta1 = 0 (no
+    # first moment). Choice on validation: docs/results.md.
+    optimizer: Literal["adam", "rowwise-adam", "rowwise-rmsprop"] = "adam"
     epochs: int = Field(200, ge=0)
 
 

@@ -75,18 +75,27 @@ def load_torch_optimizer_tensors(opt: torch.optim.Optimizer, names: list[str], t
 class BPRRowAdam:
     """BPR-MF step with analytic gradients and Adam on the touched rows only.
 
-    Users and items live in one table ``emb`` (users first), and both Adam
-    moments of a row sit side by side in ``mv`` (rows x 2m), so a step needs
-    one ``unique``, one gradient scatter, one moment gather and write-back,
-    and one update for both tables. The maths equals autograd on
-    ``bpr_objective`` followed by :class:`RowAdam` (tested); it is just fewer,
-    larger tensor operations (random row access is the cost on a CPU).
+    Users and items live in one table ``emb`` (users first), and the Adam
+    moments of a row sit side by side in ``state`` (rows x 2m: m then v), so a
+    step needs one ``unique``, one gradient scatter, one moment gather and one
+    update of each table. The maths equals autograd on ``bpr_objective``
+    followed by :class:`RowAdam` (tested); it is just fewer, larger tensor
+    operations (random row access is the cost on a CPU). Both tables are
+    written back with ``index_add_`` of the change (on the CPU it is ~2x
+    faster than ``index_copy_``).
+
+    With ``betas[0] == 0`` there is no first moment: ``state`` holds v only
+    (rows x m) and a touched row moves by lr·g/(√v̂+ε) — bias-corrected
+    RMSProp on the touched rows, a third less memory traffic per step.
     """
 
     def __init__(self, emb: torch.Tensor, n_users: int, lr: float, reg: float, betas=(0.9, 0.999), eps: float = 1e-8):
         self.emb, self.n_users = emb, n_users
         self.lr, self.reg, self.b1, self.b2, self.eps = lr, reg, betas[0], betas[1], eps
-        self.mv = torch.zeros(emb.shape[0], 2 * emb.shape[1], dtype=emb.dtype, device=emb.device)
+        width = (2 if self.b1 else 1) * emb.shape[1]
+        self.state = torch.zeros(emb.shape[0], width, dtype=emb.dtype, device=emb.device)
+        if self.b1:  # per column: (1 - b1) for m, (1 - b2) for v
+            self.keep = torch.cat([emb.new_full((emb.shape[1],), 1 - self.b1), emb.new_full((emb.shape[1],), 1 - self.b2)])
         self.t = 0
 
     @torch.no_grad()
@@ -99,8 +108,11 @@ class BPRRowAdam:
         diff = ei - ej
         s = (eu * diff).sum(1)
         # d/ds mean softplus(-s) = -sigmoid(-s)/B ; the L2 term adds 2λ·row/B to every used row
-        coef = (-torch.sigmoid(-s) / b).unsqueeze(1)
-        g = torch.cat([coef * diff, coef * eu, -coef * eu])
+        coef = torch.sigmoid(-s).mul_(-1.0 / b).unsqueeze(1)
+        g = torch.empty_like(x)
+        torch.mul(diff, coef, out=g[:b])
+        torch.mul(eu, coef, out=g[b : 2 * b])
+        torch.neg(g[b : 2 * b], out=g[2 * b :])
         if self.reg:
             g.add_(x, alpha=2.0 * self.reg / b)
         uniq, inv = torch.unique(rows, return_inverse=True)
@@ -108,13 +120,17 @@ class BPRRowAdam:
         self.t += 1
         c1 = 1.0 - self.b1**self.t
         c2 = 1.0 - self.b2**self.t
-        mv = self.mv.index_select(0, uniq)
-        m, v = mv[:, :dim], mv[:, dim:]
-        m.mul_(self.b1).add_(grad, alpha=1 - self.b1)
-        v.mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
-        self.mv.index_copy_(0, uniq, mv)
-        upd = (v / c2).sqrt_().add_(self.eps).reciprocal_().mul_(m).mul_(-self.lr / c1)
-        self.emb.index_add_(0, uniq, upd)
+        st = self.state.index_select(0, uniq)
+        if self.b1:  # delta = ([g, g²] - [m, v]) * [1-b1, 1-b2]
+            delta = torch.cat([grad, grad * grad], 1).sub_(st).mul_(self.keep)
+            m, v = st[:, :dim], st[:, dim:]
+        else:
+            delta = (grad * grad).sub_(st).mul_(1 - self.b2)
+            m, v = grad, st
+        st.add_(delta)  # the new moments; the same additions as the write-back below
+        self.state.index_add_(0, uniq, delta)
+        den = v.sqrt().mul_(c2**-0.5).add_(self.eps)
+        self.emb.index_add_(0, uniq, m.div(den), alpha=-self.lr / c1)
         loss = torch.nn.functional.softplus(-s).mean()
         if self.reg:
             loss = loss + self.reg * torch.dot(x.view(-1), x.view(-1)) / b
@@ -122,10 +138,14 @@ class BPRRowAdam:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         dim = self.emb.shape[1]
-        return {"opt.m": self.mv[:, :dim], "opt.v": self.mv[:, dim:], "opt.step": torch.tensor([self.t], dtype=torch.int64)}
+        out = {"opt.v": self.state[:, -dim:], "opt.step": torch.tensor([self.t], dtype=torch.int64)}
+        if self.b1:
+            out["opt.m"] = self.state[:, :dim]
+        return out
 
     def load_state_tensors(self, t: dict[str, torch.Tensor]) -> None:
         dim = self.emb.shape[1]
-        self.mv[:, :dim].copy_(t["opt.m"])
-        self.mv[:, dim:].copy_(t["opt.v"])
+        self.state[:, -dim:].copy_(t["opt.v"])
+        if self.b1:
+            self.state[:, :dim].copy_(t["opt.m"])
         self.t = int(t["opt.step"][0])

@@ -20,6 +20,7 @@ from uclr_cli.optim import BPRRowAdam, load_torch_optimizer_tensors, torch_optim
 from uclr_cli.stages import common
 
 STAGE = "pretrain"
+ROWWISE_BETA1 = {"rowwise-adam": 0.9, "rowwise-rmsprop": 0.0}  # optimizers with a fused row-wise step
 
 
 class NegativeSampler:
@@ -82,15 +83,16 @@ def run_seed(
     timer = common.Timer()
 
     users, items = init_tables(data, cfg, seed, device)
-    if cfg.optimizer == "rowwise-adam":  # one table, users first: users/items are views of it
+    rowwise = cfg.optimizer in ROWWISE_BETA1
+    if rowwise:  # one table, users first: users/items are views of it
         emb = torch.cat([users, items])
         users, items = emb[: data.n_users], emb[data.n_users :]
     gen = common.generator(device, seed, 1)
     tu, ti, td = (t.to(device) for t in (data.train_user, data.train_item, data.train_domain))
     sampler = NegativeSampler(data, device)
     names = ["user_emb", "item_emb"]
-    if cfg.optimizer == "rowwise-adam":
-        opt = BPRRowAdam(emb, data.n_users, lr=cfg.lr, reg=cfg.reg)
+    if rowwise:
+        opt = BPRRowAdam(emb, data.n_users, lr=cfg.lr, reg=cfg.reg, betas=(ROWWISE_BETA1[cfg.optimizer], 0.999))
     else:
         users.requires_grad_(True)
         items.requires_grad_(True)
@@ -103,7 +105,7 @@ def run_seed(
         with torch.no_grad():
             users.copy_(t["user_emb"])
             items.copy_(t["item_emb"])
-        if cfg.optimizer == "rowwise-adam":
+        if rowwise:
             opt.load_state_tensors(t)
         else:
             load_torch_optimizer_tensors(opt, names, t)
@@ -124,7 +126,7 @@ def run_seed(
             idx = perm[s : s + cfg.batch_size]
             u, i, d = tu[idx], ti[idx], td[idx]
             j = sampler(u, d, gen)
-            if cfg.optimizer == "rowwise-adam":
+            if rowwise:
                 loss = opt.step(u, i, j)
             else:
                 opt.zero_grad(set_to_none=True)
@@ -165,7 +167,7 @@ def run_seed(
 
 def _save_state(path, cfg, data, seed, config, users, items, opt, names, gen, epoch, best, best_epoch, bad, per_domain, done):
     tensors = {"user_emb": users.detach(), "item_emb": items.detach(), "rng": gen.get_state()}
-    if cfg.optimizer == "rowwise-adam":
+    if cfg.optimizer in ROWWISE_BETA1:
         tensors.update(opt.state_tensors())
     else:
         tensors.update(torch_optimizer_tensors(opt, names))
