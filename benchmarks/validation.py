@@ -66,12 +66,12 @@ def main() -> None:
 
     if "pretrain" in only:
         rows = {}
-        for opt in ("adam", "rowwise-adam"):
+        for opt in ("adam", "rowwise-adam", "rowwise-rmsprop"):
             t0 = time.time()
             rows[opt] = [pretrain.run_seed(PretrainConfig(optimizer=opt, **pre_kw), data, run / opt, s) for s in seeds]
             console.print(f"pretrain {opt}: {time.time() - t0:.0f}s")
         console.print(table("PGE: optimizer (valid NDCG@10, %)", rows, data.domains))
-    default_pre = pre_kw.get("optimizer", "rowwise-adam")
+    default_pre = pre_kw.get("optimizer", PretrainConfig().optimizer)
     base = run / default_pre
     if "contrast" in only:
         rows = {}

@@ -21,7 +21,7 @@ def pretrain(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Positives per step (default 2048)."),
     lr: float | None = typer.Option(None, "--lr", help="Adam learning rate (default 1e-3)."),
     reg: float | None = typer.Option(None, "--reg", help="L2 weight λ on the rows of a batch (default 1e-5)."),
-    optimizer: str | None = typer.Option(None, "--optimizer", help="adam (dense, the paper's) | rowwise-adam (Adam on the touched rows) | rowwise-rmsprop (the same without momentum)."),
+    optimizer: str | None = typer.Option(None, "--optimizer", help="rowwise-rmsprop (default: Adam with beta1=0 on the touched rows) | rowwise-adam (Adam on the touched rows) | adam (dense, the paper's)."),
     patience: int | None = typer.Option(None, "--patience", help="Evaluations without improvement before stopping (default 10)."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Validate every N epochs (default 1)."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda (default auto)."),
