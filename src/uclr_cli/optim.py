@@ -84,9 +84,11 @@ class BPRRowAdam:
     written back with ``index_add_`` of the change (on the CPU it is ~2x
     faster than ``index_copy_``).
 
-    With ``betas[0] == 0`` there is no first moment: ``state`` holds v only
-    (rows x m) and a touched row moves by lr·g/(√v̂+ε) — bias-corrected
-    RMSProp on the touched rows, a third less memory traffic per step.
+    With ``betas[0] == 0`` the step is *exactly* dense Adam with β1 = 0,
+    computed lazily: there is no first moment, so a row with no gradient does
+    not move, and its v only decays by β2 per step — which is applied when the
+    row is next touched (``last`` holds each row's last step). ``state`` is
+    then v only (rows x m): a third less memory traffic than lazy Adam.
     """
 
     def __init__(self, emb: torch.Tensor, n_users: int, lr: float, reg: float, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -96,6 +98,8 @@ class BPRRowAdam:
         self.state = torch.zeros(emb.shape[0], width, dtype=emb.dtype, device=emb.device)
         if self.b1:  # per column: (1 - b1) for m, (1 - b2) for v
             self.keep = torch.cat([emb.new_full((emb.shape[1],), 1 - self.b1), emb.new_full((emb.shape[1],), 1 - self.b2)])
+        else:
+            self.last = torch.zeros(emb.shape[0], dtype=torch.int64, device=emb.device)
         self.t = 0
 
     @torch.no_grad()
@@ -124,8 +128,11 @@ class BPRRowAdam:
         if self.b1:  # delta = ([g, g²] - [m, v]) * [1-b1, 1-b2]
             delta = torch.cat([grad, grad * grad], 1).sub_(st).mul_(self.keep)
             m, v = st[:, :dim], st[:, dim:]
-        else:
-            delta = (grad * grad).sub_(st).mul_(1 - self.b2)
+        else:  # v of a row idle for n steps decayed by b2**n in dense Adam: v' = b2**(n+1)·v + (1-b2)·g²
+            idle = (self.t - 1) - self.last.index_select(0, uniq)
+            self.last.index_fill_(0, uniq, self.t)
+            decay = torch.pow(self.b2, idle.to(x.dtype)).mul_(self.b2).sub_(1.0).unsqueeze(1)
+            delta = (grad * grad).mul_(1 - self.b2).addcmul_(st, decay)
             m, v = grad, st
         st.add_(delta)  # the new moments; the same additions as the write-back below
         self.state.index_add_(0, uniq, delta)
@@ -141,6 +148,8 @@ class BPRRowAdam:
         out = {"opt.v": self.state[:, -dim:], "opt.step": torch.tensor([self.t], dtype=torch.int64)}
         if self.b1:
             out["opt.m"] = self.state[:, :dim]
+        else:
+            out["opt.last"] = self.last
         return out
 
     def load_state_tensors(self, t: dict[str, torch.Tensor]) -> None:
@@ -148,4 +157,6 @@ class BPRRowAdam:
         self.state[:, -dim:].copy_(t["opt.v"])
         if self.b1:
             self.state[:, :dim].copy_(t["opt.m"])
+        else:
+            self.last.copy_(t["opt.last"])
         self.t = int(t["opt.step"][0])
