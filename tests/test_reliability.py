@@ -36,7 +36,7 @@ from uclr_cli.errors import CheckpointError
 from uclr_cli.lock import LOCK_NAME, RunLock
 from uclr_cli.stages import common as stage_common
 
-PRE = ["--dim", "16", "--batch-size", "256", "--lr", "0.01", "--device", "cpu"]
+PRE = ["--dim", "16", "--batch-size", "256", "--lr", "0.01", "--device", "cpu", "--save-every", "0"]  # resume state every epoch
 CON = ["--hidden", "16,8", "--batch-size", "64", "--lr", "0.003", "--device", "cpu"]
 FT = ["--rank", "2", "--batch-size", "256", "--device", "cpu"]
 SAFE = re.compile(r"[a-z0-9][a-z0-9_-]*")
@@ -310,7 +310,7 @@ def test_resume_after_nan_with_lower_lr(tiny_data, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- 1. Ctrl-C and SIGKILL
 
 
-SIGINT_ARGS = ["pretrain", "--dim", "16", "--batch-size", "32", "--lr", "0.005", "--epochs", "24", "--patience", "100", "--device", "cpu"]
+SIGINT_ARGS = ["pretrain", "--dim", "16", "--batch-size", "32", "--lr", "0.005", "--epochs", "24", "--patience", "100", "--device", "cpu", "--save-every", "0"]
 
 
 def test_ctrl_c_exits_130_and_resume_matches_uninterrupted(tiny_data, tmp_path):
@@ -473,7 +473,7 @@ def test_second_writer_refused_while_lock_held(tiny_data, held_lock, tmp_path):
 def test_two_training_commands_at_once(tiny_data, base_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
-    p = uclr("pretrain", "--dim", "16", "--batch-size", "32", "--epochs", "500", "--patience", "500", "--device", "cpu",
+    p = uclr("pretrain", "--dim", "16", "--batch-size", "32", "--epochs", "500", "--patience", "500", "--device", "cpu", "--save-every", "0",
              "--data", tiny_data, "--run", run, cwd=tmp_path)
     try:
         wait_for(lambda: (run / LOCK_NAME).exists() and state_epoch(run / "seed-0" / ckpt.resume_name(ckpt.PRETRAIN)) >= 3)

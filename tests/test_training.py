@@ -112,10 +112,13 @@ def test_same_seed_bit_identical_other_seed_differs(data, tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "rowwise-adam", "rowwise-rmsprop"])
-def test_pretrain_continued_with_more_epochs_equals_one_run(data, tmp_path, optimizer):
-    """2 epochs, then --resume with 4, gives the 4-epoch run bit for bit (optimizer state is saved)."""
-    cfg = {**FAST_PRE, "optimizer": optimizer, "patience": 10}
+@pytest.mark.parametrize("optimizer,save_every", [("adam", 0), ("rowwise-adam", 0), ("rowwise-rmsprop", 0), ("rowwise-rmsprop", 30)])
+def test_pretrain_continued_with_more_epochs_equals_one_run(data, tmp_path, optimizer, save_every):
+    """2 epochs, then --resume with 4, gives the 4-epoch run bit for bit (optimizer state is saved).
+
+    With save_every=30 nothing is written until the run ends: the end is always written.
+    """
+    cfg = {**FAST_PRE, "optimizer": optimizer, "patience": 10, "save_every": save_every}
     pretrain.run_seed(PretrainConfig(**{**cfg, "epochs": 2}), data, tmp_path / "cut", 0)
     cut = pretrain.run_seed(PretrainConfig(**{**cfg, "epochs": 4}), data, tmp_path / "cut", 0, resume=True)
     ref = pretrain.run_seed(PretrainConfig(**{**cfg, "epochs": 4}), data, tmp_path / "ref", 0)
@@ -152,7 +155,7 @@ def _uclr(*args, cwd):
     return subprocess.Popen([sys.executable, "-m", "uclr_cli", *map(str, args)], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-@pytest.mark.parametrize("stage_args", [["pretrain", "--dim", "16", "--batch-size", "32", "--lr", "0.005", "--epochs", "14", "--patience", "20"]])
+@pytest.mark.parametrize("stage_args", [["pretrain", "--dim", "16", "--batch-size", "32", "--lr", "0.005", "--epochs", "14", "--patience", "20", "--save-every", "0"]])
 def test_resume_after_sigkill_matches_uninterrupted(tiny_data, tmp_path, stage_args):
     common = [*stage_args, "--data", tiny_data, "--device", "cpu"]
     ref = _uclr(*common, "--run", tmp_path / "ref", cwd=tmp_path)
@@ -256,3 +259,17 @@ def test_examples_validate():
             continue
         stage = next(k for k in models if f.stem.startswith(k))
         models[stage](**conf)
+
+
+def test_resume_state_written_at_most_every_save_every_seconds(data, tmp_path, monkeypatch):
+    """With a long save_every, only the last epoch is written; the best checkpoint matches the saved best epoch."""
+    saved = []
+    real = ckpt.save
+    monkeypatch.setattr(ckpt, "save", lambda path, t, meta: (saved.append((path.name, meta.get("epoch"))), real(path, t, meta))[1])
+    res = pretrain.run_seed(PretrainConfig(**{**FAST_PRE, "epochs": 5, "patience": 10, "save_every": 3600}), data, tmp_path / "a", 0)
+    assert saved == [(ckpt.PRETRAIN, res.best_epoch), (ckpt.resume_name(ckpt.PRETRAIN), 5)]
+    saved.clear()
+    ref = pretrain.run_seed(PretrainConfig(**{**FAST_PRE, "epochs": 5, "patience": 10, "save_every": 0}), data, tmp_path / "b", 0)
+    assert [e for name, e in saved if name != ckpt.PRETRAIN] == [1, 2, 3, 4, 5]
+    a, b = load_file(str(res.path)), load_file(str(ref.path))
+    assert all(torch.equal(a[k], b[k]) for k in a) and ref.best_epoch == res.best_epoch

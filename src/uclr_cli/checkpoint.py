@@ -123,7 +123,7 @@ def read_header(path: Path) -> dict:
 
 #: Settings a resume may change (e.g. a lower --lr after a non-finite loss): they do not shape the
 #: model or its state. Stages pass ``may_differ={"config": RESUME_MAY_DIFFER}`` when loading a resume state.
-RESUME_MAY_DIFFER = ("lr", "epochs", "patience")
+RESUME_MAY_DIFFER = ("lr", "epochs", "patience", "save_every")
 
 
 def load(

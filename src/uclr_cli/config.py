@@ -121,6 +121,9 @@ class PretrainConfig(TrainConfig):
     # validation (5 seeds) and several times faster. Numbers: docs/results.md.
     optimizer: Literal["adam", "rowwise-adam", "rowwise-rmsprop"] = "rowwise-rmsprop"
     epochs: int = Field(200, ge=0)
+    # Seconds between writes of the resume state and best checkpoint (0: every epoch). A kill or
+    # Ctrl-C resumes from the last write; the run's end is always written.
+    save_every: float = Field(30.0, ge=0)
 
 
 class ContrastLossConfig(StageConfig):

@@ -24,6 +24,7 @@ def pretrain(
     optimizer: str | None = typer.Option(None, "--optimizer", help="rowwise-rmsprop (default: Adam with beta1=0 on the touched rows) | rowwise-adam (Adam on the touched rows) | adam (dense, the paper's)."),
     patience: int | None = typer.Option(None, "--patience", help="Evaluations without improvement before stopping (default 10)."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Validate every N epochs (default 1)."),
+    save_every: float | None = typer.Option(None, "--save-every", help="Seconds between resume checkpoints; 0 = every epoch (default 30)."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda (default auto)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last epoch checkpoint of each seed."),
     config: Path | None = typer.Option(None, "--config", help="TOML file with any of these options; flags win."),
@@ -31,7 +32,7 @@ def pretrain(
     """Pretrain global user and item embeddings (PGE) over all domains."""
     cli = dict(
         data=data, run=run, seeds=training.seeds_option(seeds, seed), epochs=epochs, dim=dim, batch_size=batch_size,
-        lr=lr, reg=reg, optimizer=optimizer, patience=patience, eval_every=eval_every, device=device,
+        lr=lr, reg=reg, optimizer=optimizer, patience=patience, eval_every=eval_every, save_every=save_every, device=device,
     )
     cfg, ds, run_dir = training.resolve(PretrainConfig, cli, config)
     training.write_config(run_dir, stage.STAGE, cfg, ds)

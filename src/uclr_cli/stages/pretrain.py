@@ -117,6 +117,10 @@ def run_seed(
 
     n = len(tu)
     epochs_run = start - 1
+    # The best tables and the resume state are written together, at most every cfg.save_every seconds (and
+    # at the end): at the Amazon shape they are ~200 MB an epoch, as long as a GPU epoch. A kill resumes
+    # from the last write, so the two files always agree.
+    pending_best, last_save = None, common.Timer()
     for epoch in range(start, cfg.epochs + 1):
         epochs_run = epoch
         t0 = common.Timer()
@@ -146,11 +150,16 @@ def run_seed(
             if score > best:
                 best, best_epoch, bad, per_domain_best = score, epoch, 0, per_domain
                 meta = common.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=best, dim=cfg.dim)
-                ckpt.save(best_path, {"user_emb": users.detach(), "item_emb": items.detach()}, meta)
+                pending_best = ({"user_emb": users.detach().clone(), "item_emb": items.detach().clone()}, meta)
             else:
                 bad += 1
         done = bad >= cfg.patience or epoch == cfg.epochs
-        _save_state(state_path, cfg, data, seed, config, users, items, opt, names, gen, epoch, best, best_epoch, bad, per_domain_best, done)
+        if done or last_save.elapsed() >= cfg.save_every:
+            if pending_best is not None:
+                ckpt.save(best_path, *pending_best)
+                pending_best = None
+            _save_state(state_path, cfg, data, seed, config, users, items, opt, names, gen, epoch, best, best_epoch, bad, per_domain_best, done)
+            last_save = common.Timer()
         if progress:
             progress(common.EpochEvent(STAGE, seed, epoch, cfg.epochs, epoch_loss, score, speed, best, best_epoch))
         if done:
