@@ -5,18 +5,25 @@ same process, the ratio to it (machines are noisy: ratios within one run hold
 better than absolute times). Sections:
 
 * prepare   — `uclr prepare amazon` on a generated 20M-row 2014 ratings CSV: wall time, peak RSS
-* pretrain  — BPR samples/s at the Amazon shape: row-wise Adam (default) vs dense Adam (the paper's)
+* pretrain  — BPR samples/s at the Amazon shape: the default optimizer (rowwise-rmsprop) and lazy row-wise Adam
+              vs dense Adam (the paper's, the in-run reference)
 * contrast  — seconds per epoch over all users at the Amazon shape
 * finetune  — seconds per epoch per domain at the Amazon shape
 * evaluate  — 3 domains x 26,507 users x 100 candidates scored into metrics
 * baselines — seconds per epoch of BPRMF, NeuMF and LightGCN on domain books at the Amazon shape
+* quality   — validation NDCG@10 after equal training time (--budget): our PGE (row-wise and dense Adam) vs
+              `implicit`'s CPU BPR (the `bench` extra), all scored by our evaluator on the same candidates
+* e2e       — prepare -> pretrain -> contrast -> finetune -> evaluate through the CLI, one seed, on the CPU:
+              wall time and peak RSS per step
+* scaling   — pretrain seconds per epoch and peak RSS at 0.25x to 4x the Amazon shape, one child process per scale
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,13 +41,41 @@ def row(figure: str, value: str, target: str = "", ratio: str = "") -> None:
     print(f"  {figure}: {value}  {target}  {ratio}", file=sys.stderr, flush=True)
 
 
-def uclr(*args: str, cwd: Path) -> tuple[float, float]:
-    """Run the CLI in a child process; return (wall seconds, peak RSS of children in GB)."""
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "uclr_cli", "--quiet", *args], cwd=cwd, check=True)
-    wall = time.perf_counter() - t0
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, peak_kb / 1024**2
+# Linux gives a child started from this process a peak RSS of at least this process's own peak (exec
+# keeps the larger of the old and new address spaces' high-water marks, and a vfork child's old one is
+# ours). So children are started by a small launcher that waits for the real command and writes its peak.
+_LAUNCH = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
+def child(cmd: list[str], cwd: Path, capture: bool = False) -> tuple[float, float, str]:
+    """Run ``cmd``; return (wall seconds, peak RSS of that child in GB, its stdout if ``capture``).
+
+    The peak is the child's own (``os.wait4`` in a ~10 MB launcher), not a max over all children so far.
+    """
+    fd, peak_file = tempfile.mkstemp(prefix="uclr-bench-rss-")
+    os.close(fd)
+    try:
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-c", _LAUNCH, peak_file, *cmd], cwd=cwd, stdout=subprocess.PIPE if capture else None)
+        wall = time.perf_counter() - t0
+        if res.returncode:
+            raise subprocess.CalledProcessError(res.returncode, cmd)
+        peak_kb = int(Path(peak_file).read_text())  # ru_maxrss is in KB on Linux
+    finally:
+        os.unlink(peak_file)
+    return wall, peak_kb / 1024**2, res.stdout.decode() if capture else ""
+
+
+def uclr(*args: str, cwd: Path, capture: bool = False):
+    """Run the CLI in a child process; return (wall seconds, peak RSS of that child in GB[, stdout])."""
+    wall, peak, out = child([sys.executable, "-m", "uclr_cli", "--quiet", *args], cwd, capture)
+    return (wall, peak, out) if capture else (wall, peak)
 
 
 def write_amazon_csv(path: Path, n_rows: int, seed: int = 0, user_offset: int = 0) -> None:
@@ -103,14 +138,15 @@ def bench_pretrain(work: Path, quick: bool) -> None:
 
     data = load_prepared(amazon_data(work, quick))
     speeds = {}
-    for opt in ("adam", "rowwise-adam"):
-        got = []
+    default = PretrainConfig().optimizer
+    for opt in ("adam", default, "rowwise-adam"):
+        got = []  # training only (validation is off); the faster of 2 epochs
         cfg = PretrainConfig(optimizer=opt, epochs=2, eval_every=1000, device="cpu")
         pretrain.run_seed(cfg, data, work / f"bench-{opt}", 0, progress=lambda e: got.append(e.samples_per_s))
         speeds[opt] = max(got)
-    row("pretrain dense Adam (default, the paper's), samples/s", f"{speeds['adam']:,.0f}", "reference")
-    ratio = speeds["rowwise-adam"] / speeds["adam"]
-    row("pretrain row-wise Adam (--optimizer rowwise-adam), samples/s", f"{speeds['rowwise-adam']:,.0f}", ">= 1,000,000 and >= 20x ref", f"{ratio:.1f}x")
+    row("pretrain dense Adam (--optimizer adam, the paper's), samples/s", f"{speeds['adam']:,.0f}", "reference")
+    row(f"pretrain {default} (default), samples/s", f"{speeds[default]:,.0f}", ">= 1,000,000 and >= 20x ref", f"{speeds[default] / speeds['adam']:.1f}x")
+    row("pretrain rowwise-adam (lazy Adam), samples/s", f"{speeds['rowwise-adam']:,.0f}", "", f"{speeds['rowwise-adam'] / speeds['adam']:.1f}x")
     del torch
 
 
@@ -168,13 +204,247 @@ def bench_baselines(work: Path, quick: bool) -> None:
         row(f"baseline {name} {d}, s/epoch ({n:,} train rows)", f"{n / max(speeds):.2f} s")
 
 
+# --- quality: time to quality against a peer (issue 5) ---------------------------------------------
+
+
+class _BudgetSpent(Exception):
+    """Raised from a stage's progress callback to stop it at an epoch boundary (the stages have no time budget)."""
+
+
+def _spent(used: float, last_epoch: float, budget: float) -> bool:
+    """Stop after this epoch when the next one would end nearer past the budget than this one ends before it."""
+    return used + last_epoch / 2 >= budget
+
+
+def ours_to_budget(data, optimizer: str, budget: float, run: Path) -> dict:
+    """Our PGE (`pretrain.run_seed`, seed 0, default settings) until ``budget`` seconds of training.
+
+    Only the epochs' training loops count (the time behind the stage's own samples/s); the validation after
+    each epoch (our evaluator, the same candidates) and the stage's per-epoch resume checkpoint do not.
+    """
+    from uclr_cli.config import PretrainConfig
+    from uclr_cli.stages import pretrain
+
+    n = len(data.train_user)
+    curve: list[tuple[int, float, float]] = []  # (epoch, training seconds so far, valid NDCG@10)
+
+    def on_epoch(e) -> None:
+        t = n / e.samples_per_s
+        used = (curve[-1][1] if curve else 0.0) + t
+        curve.append((e.epoch, used, e.valid_ndcg))
+        if _spent(used, t, budget):
+            raise _BudgetSpent
+
+    cfg = PretrainConfig(optimizer=optimizer, epochs=1_000_000, patience=1_000_000, eval_every=1, device="cpu")
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    try:
+        pretrain.run_seed(cfg, data, run, 0, progress=on_epoch)
+    except _BudgetSpent:
+        pass
+    epoch, used, score = curve[-1]
+    return {"ndcg": score, "epochs": epoch, "train_s": used, "wall_s": time.perf_counter() - t0, "samples_per_s": n * epoch / used, "curve": curve}
+
+
+def implicit_to_budget(data, budget: float, threads: int, factors: int = 128) -> dict | None:
+    """`implicit`'s CPU BPR on the same train interactions until ``budget`` seconds of training; None if not installed.
+
+    Continued training: `fit` keeps existing user/item factors (it only creates them when they are None), so
+    the model is fitted in chunks of `iterations`: 1 epoch first to time one, then about half of what is left
+    each call, then single epochs. `random_state` is a numpy Generator, which `fit` uses as is, so each chunk
+    draws fresh samples (an int would replay the same samples every chunk). Only the epochs count: the time
+    `fit` reports per epoch to its callback (its per-call set-up is outside, as our set-up and validation are).
+    """
+    try:
+        import scipy.sparse
+        from implicit.cpu.bpr import BayesianPersonalizedRanking
+    except ImportError:
+        return None
+    import torch
+
+    from uclr_cli.stages import common
+
+    u, i = data.train_user.numpy(), data.train_item.numpy()
+    ui = scipy.sparse.csr_matrix((np.ones(len(u), dtype=np.float32), (u, i)), shape=(data.n_users, data.n_items))
+    ui.sum_duplicates()
+    ui.data[:] = 1.0
+    ui.sort_indices()
+    model = BayesianPersonalizedRanking(factors=factors, num_threads=threads, random_state=np.random.default_rng(0))
+    epochs, calls, used, per, attempts, skipped = 0, 0, 0.0, 0.0, 0, 0
+    t0 = time.perf_counter()
+    while not epochs or not _spent(used, per, budget):
+        k = 1 if not epochs else max(1, int((budget - used) / per / 2))
+        times: list[float] = []
+
+        def on_epoch(epoch, elapsed, correct, skip) -> None:
+            nonlocal skipped
+            times.append(elapsed)
+            skipped += skip
+
+        model.iterations = k
+        model.fit(ui, show_progress=False, callback=on_epoch)
+        calls, epochs, used, per = calls + 1, epochs + k, used + sum(times), times[-1]
+        attempts += k * ui.nnz
+    wall = time.perf_counter() - t0
+    # 128 factors + 1 bias column: the user side of it is fixed at 1, so the dot product adds the item's bias.
+    uv, iv = torch.from_numpy(np.ascontiguousarray(model.user_factors)), torch.from_numpy(np.ascontiguousarray(model.item_factors))
+    score = common.mean_score(common.valid_scores(data, uv, iv, data.valid))
+    return {"ndcg": score, "epochs": epochs, "train_s": used, "wall_s": wall, "fit_calls": calls, "samples_per_s": attempts / used, "skipped": skipped / attempts, "lr": model.learning_rate, "reg": model.regularization}
+
+
+def bench_quality(work: Path, quick: bool) -> None:
+    import torch
+
+    from uclr_cli.data.prepared import load_prepared
+
+    data = load_prepared(amazon_data(work, quick))
+    budget = OPTS.budget if OPTS.budget is not None else (10.0 if quick else 60.0)
+    threads = torch.get_num_threads()
+    row("quality: training budget per model", f"{budget:g} s ({threads} threads, {len(data.train_user):,} train rows)")
+    peer = implicit_to_budget(data, budget, threads)
+    if peer is None:
+        row("quality: implicit BPR", "skipped: `implicit` not importable (pip install '.[bench]')")
+    else:
+        row(f"quality: implicit {_implicit_version()} BPR, valid NDCG@10", f"{100 * peer['ndcg']:.2f} %", "reference")
+        # Not our objective: hogwild SGD, 128 factors + an item bias, negatives over all domains by popularity.
+        row("quality: implicit BPR, epochs / samples/s", f"{peer['epochs']} / {peer['samples_per_s']:,.0f}", "", f"{100 * peer['skipped']:.1f} % skipped")
+    from uclr_cli.config import PretrainConfig
+
+    for opt in (PretrainConfig().optimizer, "adam"):
+        r = ours_to_budget(data, opt, budget, work / f"bench-quality-{opt}")
+        name = f"{opt} (default)" if opt != "adam" else "dense Adam (the paper's)"
+        vs = (lambda key: f"{r[key] / peer[key]:.2f}x implicit") if peer else (lambda key: "")
+        row(f"quality: ours {name}, valid NDCG@10", f"{100 * r['ndcg']:.2f} %", ">= implicit at equal wall time" if peer else "", vs("ndcg"))
+        row(f"quality: ours {name}, epochs / samples/s", f"{r['epochs']} / {r['samples_per_s']:,.0f}", "", vs("samples_per_s"))
+        if peer:
+            reach = next((t for _, t, score in r["curve"] if score >= peer["ndcg"]), None)
+            row(f"quality: ours {name}, training s to implicit's NDCG@10", f"{reach:.1f} s" if reach is not None else "not reached", f"<= {budget:g} s")
+
+
+def _implicit_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("implicit")
+    except Exception:
+        return ""
+
+
+# --- e2e: the whole pipeline through the CLI, one seed, CPU ------------------------------------------
+
+
+def bench_e2e(work: Path, quick: bool) -> None:
+    root = work / "e2e"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    data, run = root / "data", root / "run"
+    preset = "default" if quick else "amazon"
+    opt = OPTS.e2e_optimizer
+    flags = ["--data", str(data), "--run", str(run), "--seed", "0", "--device", "cpu"]
+    steps = [
+        ("prepare", ["prepare", "synthetic", "--preset", preset, "--out", str(data)]),
+        ("pretrain", ["pretrain", *flags, *(["--optimizer", opt] if opt else [])]),
+        ("contrast", ["contrast", *flags]),
+        ("finetune", ["finetune", *flags, "--domain", "all"]),
+        ("evaluate", ["evaluate", "--data", str(data), "--run", str(run), "--device", "cpu", "--json"]),
+    ]
+    total, peak = 0.0, 0.0
+    for name, args in steps:
+        wall, rss, out = uclr(*args, cwd=work, capture=True)
+        total, peak = total + wall, max(peak, rss)
+        note = f" ({'--optimizer ' + opt if opt else 'defaults'}, to early stop)" if name == "pretrain" else ""
+        row(f"e2e ({preset}) {name}{note}: wall, peak RSS", f"{wall:.1f} s, {rss:.2f} GB", "", _epochs_run(run / "seed-0", name))
+    row(f"e2e ({preset}), one seed, CPU: total wall", f"{total:.1f} s", "<= 300 s" if not quick else "")
+    row(f"e2e ({preset}), one seed, CPU: peak RSS (max over steps)", f"{peak:.2f} GB", "<= 2 GB" if not quick else "")
+    rows = json.loads(out)["rows"]
+    for model in ("PGE", "UCLR"):
+        vals = [r["mean"] for r in rows if r["model"] == model and r["bucket"] == "all" and r["metric"] == "ndcg" and r["k"] == 10]
+        if vals:
+            row(f"e2e ({preset}) test NDCG@10 of {model}, mean over {len(vals)} domains", f"{sum(vals) / len(vals):.2f} %")
+
+
+def _epochs_run(seed_dir: Path, stage: str) -> str:
+    """'N ep (best M)' from the stage's resume states, e.g. '116 ep (best 106)'; per domain for finetune."""
+    from uclr_cli import checkpoint as ckpt
+
+    parts = []
+    for p in sorted(seed_dir.glob(f"{stage}*.resume.safetensors")):
+        h = ckpt.read_header(p)
+        parts.append(f"{h.get('domain', '') + ' ' if 'domain' in h else ''}{h['epoch']} ep (best {h['best_epoch']})")
+    return ", ".join(parts)
+
+
+# --- scaling: pretrain cost against data size ---------------------------------------------------------
+
+
+def _pretrain_child(path: str, optimizer: str, epochs: int) -> None:
+    """Child process of `scaling`: pretrain ``epochs`` epochs on ``path`` and print one JSON line."""
+    from uclr_cli.config import PretrainConfig
+    from uclr_cli.data.prepared import load_prepared
+    from uclr_cli.stages import pretrain
+
+    data = load_prepared(Path(path))
+    speeds: list[float] = []
+    run = Path(tempfile.mkdtemp(prefix="uclr-scaling-"))
+    try:
+        cfg = PretrainConfig(optimizer=optimizer, epochs=epochs, eval_every=1_000_000, device="cpu")
+        pretrain.run_seed(cfg, data, run, 0, progress=lambda e: speeds.append(e.samples_per_s))
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+    n = len(data.train_user)
+    print(json.dumps({"rows": n, "users": data.n_users, "items": data.n_items, "epoch_s": n / max(speeds)}))
+
+
+def bench_scaling(work: Path, quick: bool) -> None:
+    from uclr_cli.config import PretrainConfig
+    from uclr_cli.data.synthetic import PRESETS
+
+    base = PRESETS["amazon"]
+    default = PretrainConfig().optimizer
+    scales = (0.0625, 0.125, 0.25) if quick else (0.25, 0.5, 1.0, 2.0, 4.0)
+    # Dense Adam touches every row each step: its epoch grows with rows x steps (quadratic in the scale),
+    # ~10 s per epoch at 1x on 2 cores, so it is measured up to 1x only.
+    dense_max = 1.0
+    prev: dict[str, tuple[float, float]] = {}
+    for s in scales:
+        out = work / f"scaling-{s:g}x"
+        if not (out / "manifest.json").exists():
+            items = ",".join(str(max(2, round(n * s))) for n in base.items)
+            users = max(2, round(base.users * s))
+            inter = ",".join(str(max(users, round(n * s))) for n in base.interactions)
+            uclr("prepare", "synthetic", "--preset", "amazon", "--users", str(users), "--items", items, "--interactions", inter, "--out", str(out), cwd=work)
+        for opt in (default, "adam"):
+            if opt == "adam" and s > dense_max:
+                continue
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--pretrain-child", str(out), "--child-optimizer", opt, "--child-epochs", "2"]
+            _, rss, text = child(cmd, work, capture=True)
+            r = json.loads(text.strip().splitlines()[-1])
+            growth = ""
+            if opt in prev:
+                growth = f"x{r['epoch_s'] / prev[opt][0]:.2f} time, x{rss / prev[opt][1]:.2f} RSS"
+            prev[opt] = (r["epoch_s"], rss)
+            if opt == default:
+                row(f"scaling {s:g}x Amazon: users / items / train rows", f"{r['users']:,} / {r['items']:,} / {r['rows']:,}")
+            name = f"{opt} (default)" if opt == default else "dense Adam"
+            row(
+                f"scaling {s:g}x: pretrain {name}, s/epoch / s per 1M samples / peak RSS",
+                f"{r['epoch_s']:.2f} s / {r['epoch_s'] / (r['rows'] / 1e6):.2f} s / {rss:.2f} GB",
+                "growth vs previous: linear = x2" if growth else "",
+                growth,
+            )
+
+
 SECTIONS = {
     "prepare": bench_prepare,
     "pretrain": bench_pretrain,
     "contrast": bench_contrast_finetune,
     "evaluate": bench_evaluate,
     "baselines": bench_baselines,
+    "quality": bench_quality,
+    "e2e": bench_e2e,
+    "scaling": bench_scaling,
 }
+OPTS = argparse.Namespace(budget=None, e2e_optimizer=None)
 
 
 def main() -> None:
@@ -182,7 +452,16 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
     ap.add_argument("--quick", action="store_true", help="small sizes, a few minutes in all")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--budget", type=float, default=None, help="quality: training seconds per model (default 60; 10 with --quick)")
+    ap.add_argument("--e2e-optimizer", default=None, help="e2e: `uclr pretrain --optimizer` (default: the library's default)")
+    ap.add_argument("--pretrain-child", default=None, help=argparse.SUPPRESS)  # scaling: one child per scale
+    ap.add_argument("--child-optimizer", default="rowwise-rmsprop", help=argparse.SUPPRESS)
+    ap.add_argument("--child-epochs", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.pretrain_child:
+        _pretrain_child(args.pretrain_child, args.child_optimizer, args.child_epochs)
+        return
+    OPTS.budget, OPTS.e2e_optimizer = args.budget, args.e2e_optimizer
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="uclr-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     for name in args.only.split(","):
