@@ -458,6 +458,9 @@ def main() -> None:
     ap.add_argument("--child-optimizer", default="rowwise-rmsprop", help=argparse.SUPPRESS)
     ap.add_argument("--child-epochs", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from uclr_cli.malloc import keep_freed_memory
+
+    keep_freed_memory()  # as the CLI does: in-process sections measure what `uclr` gets
     if args.pretrain_child:
         _pretrain_child(args.pretrain_child, args.child_optimizer, args.child_epochs)
         return
@@ -476,7 +479,7 @@ def main() -> None:
         t.add_column(c, justify="left" if c == "figure" else "right")
     for r in ROWS:
         t.add_row(*r)
-    Console().print(t)
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
 
 
 if __name__ == "__main__":

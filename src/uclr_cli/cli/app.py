@@ -46,4 +46,7 @@ app.command("stats")(stats.stats)
 
 
 def main() -> None:
+    from uclr_cli.malloc import keep_freed_memory
+
+    keep_freed_memory()  # per-step tensors reuse heap memory instead of page-faulting fresh mmaps
     app()
