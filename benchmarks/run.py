@@ -377,7 +377,7 @@ def _epochs_run(seed_dir: Path, stage: str) -> str:
 # --- scaling: pretrain cost against data size ---------------------------------------------------------
 
 
-def _pretrain_child(path: str, optimizer: str, epochs: int) -> None:
+def _pretrain_child(path: str, optimizer: str | None, epochs: int) -> None:
     """Child process of `scaling`: pretrain ``epochs`` epochs on ``path`` and print one JSON line."""
     from uclr_cli.config import PretrainConfig
     from uclr_cli.data.prepared import load_prepared
@@ -387,7 +387,8 @@ def _pretrain_child(path: str, optimizer: str, epochs: int) -> None:
     speeds: list[float] = []
     run = Path(tempfile.mkdtemp(prefix="uclr-scaling-"))
     try:
-        cfg = PretrainConfig(optimizer=optimizer, epochs=epochs, eval_every=1_000_000, device="cpu")
+        kw = {"optimizer": optimizer} if optimizer else {}
+        cfg = PretrainConfig(**kw, epochs=epochs, eval_every=1_000_000, device="cpu")
         pretrain.run_seed(cfg, data, run, 0, progress=lambda e: speeds.append(e.samples_per_s))
     finally:
         shutil.rmtree(run, ignore_errors=True)
@@ -455,7 +456,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=None, help="quality: training seconds per model (default 60; 10 with --quick)")
     ap.add_argument("--e2e-optimizer", default=None, help="e2e: `uclr pretrain --optimizer` (default: the library's default)")
     ap.add_argument("--pretrain-child", default=None, help=argparse.SUPPRESS)  # scaling: one child per scale
-    ap.add_argument("--child-optimizer", default="rowwise-rmsprop", help=argparse.SUPPRESS)
+    ap.add_argument("--child-optimizer", default=None, help=argparse.SUPPRESS)  # None: the library's default
     ap.add_argument("--child-epochs", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     from uclr_cli.malloc import keep_freed_memory

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -11,7 +12,7 @@ from uclr_cli.malloc import keep_freed_memory
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_applied_on_linux(monkeypatch):
-    for k in [k for k in __import__("os").environ if k.startswith("MALLOC_")]:
+    for k in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(k)
     assert keep_freed_memory() is True
 

@@ -265,7 +265,12 @@ def test_resume_state_written_at_most_every_save_every_seconds(data, tmp_path, m
     """With a long save_every, only the last epoch is written; the best checkpoint matches the saved best epoch."""
     saved = []
     real = ckpt.save
-    monkeypatch.setattr(ckpt, "save", lambda path, t, meta: (saved.append((path.name, meta.get("epoch"))), real(path, t, meta))[1])
+
+    def recording_save(path, t, meta):
+        saved.append((path.name, meta.get("epoch")))
+        real(path, t, meta)
+
+    monkeypatch.setattr(ckpt, "save", recording_save)
     res = pretrain.run_seed(PretrainConfig(**{**FAST_PRE, "epochs": 5, "patience": 10, "save_every": 3600}), data, tmp_path / "a", 0)
     assert saved == [(ckpt.PRETRAIN, res.best_epoch), (ckpt.resume_name(ckpt.PRETRAIN), 5)]
     saved.clear()

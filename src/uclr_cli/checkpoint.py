@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from uclr_cli import __version__
-from uclr_cli.errors import CheckpointError, UclrError
+from uclr_cli.errors import CheckpointError, os_reason
+from uclr_cli.files import atomic_write
 
 FORMAT_VERSION = "1"
 PRETRAIN = "pretrain.safetensors"
@@ -42,9 +42,6 @@ def finetune_name(domain: str) -> str:
     return f"finetune-{domain}.safetensors"
 
 
-def _reason(e: OSError) -> str:
-    s = e.strerror or str(e) or type(e).__name__
-    return s[:1].lower() + s[1:]
 
 
 def content_digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
@@ -76,19 +73,7 @@ def save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     header.update({k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in meta.items()})
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     header[DIGEST] = content_digest(cpu, header)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(cpu, str(tmp), metadata=header)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # disk full, read-only, permissions: the old file is untouched
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint: {_reason(e)}", path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=header), "checkpoint", CheckpointError)
 
 
 def read_header(path: Path) -> dict:
@@ -108,7 +93,7 @@ def read_header(path: Path) -> dict:
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError("not a safetensors file (unreadable header)", path) from None
     except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint: {_reason(e)}", path) from None
+        raise CheckpointError(f"cannot read checkpoint: {os_reason(e)}", path) from None
     meta = raw.get("__metadata__") if isinstance(raw, dict) else None
     if not isinstance(meta, dict):
         raise CheckpointError("checkpoint has no uclr metadata", path)
@@ -184,19 +169,5 @@ def _raw_metadata(path: Path) -> dict:
 
 def write_json(path: Path, payload: dict) -> None:
     """Atomic JSON write (config, metrics summaries); a failed write leaves the old file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UclrError(f"cannot write file: {_reason(e)}", path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -39,3 +40,14 @@ class CheckpointError(UclrError):
 
 class TrainingError(UclrError):
     """Training that cannot go on (e.g. a non-finite loss)."""
+
+
+def os_reason(e: Exception) -> str:
+    """The OS reason of a failed read or write, lower-case ("no space left on device").
+
+    Also digs the reason out of polars' "io error: ... (os error N)" messages.
+    """
+    s = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    m = re.search(r"io error: (.+?)(?: \(os error \d+\))?$", s, re.IGNORECASE | re.MULTILINE)
+    s = (m.group(1) if m else s.strip().splitlines()[0])[:120]
+    return s[:1].lower() + s[1:]

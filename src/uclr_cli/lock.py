@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from uclr_cli.errors import UclrError
+from uclr_cli.errors import UclrError, os_reason
 
 try:  # POSIX; without it the O_EXCL file alone guards the folder
     import fcntl
@@ -87,7 +87,7 @@ class RunLock:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UclrError(f"cannot create run folder: {_reason(e)}", self.run_dir) from None
+            raise UclrError(f"cannot create run folder: {os_reason(e)}", self.run_dir) from None
         with self._guard():
             holder = self._read()
             if holder is not None:
@@ -137,7 +137,7 @@ class RunLock:
             holder = self._read() or {}
             raise UclrError(self._in_use(holder), self.path) from None
         except OSError as e:
-            raise UclrError(f"cannot create lock file: {_reason(e)}", self.path) from None
+            raise UclrError(f"cannot create lock file: {os_reason(e)}", self.path) from None
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(self._payload) + "\n")
@@ -145,7 +145,7 @@ class RunLock:
                 os.fsync(f.fileno())
         except OSError as e:
             self.path.unlink(missing_ok=True)
-            raise UclrError(f"cannot write lock file: {_reason(e)}", self.path) from None
+            raise UclrError(f"cannot write lock file: {os_reason(e)}", self.path) from None
 
     def _read(self) -> dict | None:
         try:
@@ -179,6 +179,3 @@ class RunLock:
                         p.unlink()
 
 
-def _reason(e: OSError) -> str:
-    s = e.strerror or str(e) or type(e).__name__
-    return s[:1].lower() + s[1:]

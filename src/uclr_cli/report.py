@@ -185,19 +185,10 @@ def require_matplotlib(option: str = "--plot"):
 
 
 def _save_figure(fig, path) -> None:
-    """Write a PNG to a temporary sibling, then rename it into place."""
-    import os
-    from pathlib import Path
+    """Write a PNG atomically (a disk error is a one-line error naming the file)."""
+    from uclr_cli.files import atomic_write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"), "plot")
 
 
 def eval_plot(report, path, models: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from uclr_cli import __version__
 from uclr_cli.data.split import PreparedTables, domain_stats
-from uclr_cli.errors import DataError
+from uclr_cli.errors import DataError, os_reason
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -80,7 +80,7 @@ def check_out(out: Path) -> None:
     try:
         empty = next(out.iterdir(), None) is None
     except OSError as e:
-        raise DataError(f"cannot list output folder: {_reason(e)}", out) from None
+        raise DataError(f"cannot list output folder: {os_reason(e)}", out) from None
     if not empty and not (out / MANIFEST).is_file():
         raise DataError("output folder exists and is not a prepared folder; refusing to replace it (pick another --out)", out)
 
@@ -124,7 +124,7 @@ def write_prepared(
     try:
         tmp = _atomic_dir(out)
     except OSError as e:
-        raise DataError(f"cannot create output folder: {_reason(e)}", getattr(e, "filename", None) or out) from None
+        raise DataError(f"cannot create output folder: {os_reason(e)}", getattr(e, "filename", None) or out) from None
     current = out  # the file being written, for the error message
     try:
         frames = {
@@ -166,19 +166,13 @@ def write_prepared(
         _commit_dir(tmp, out)
     except (OSError, pl.exceptions.PolarsError) as e:  # disk full, permissions: `out` is untouched
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"cannot write prepared folder: {_reason(e)}", current) from None
+        raise DataError(f"cannot write prepared folder: {os_reason(e)}", current) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def _reason(e: Exception) -> str:
-    """The OS reason of a failed write, lower-case ("no space left on device")."""
-    s = getattr(e, "strerror", None) or str(e) or type(e).__name__
-    m = re.search(r"io error: (.+?)(?: \(os error \d+\))?$", s, re.IGNORECASE | re.MULTILINE)
-    s = (m.group(1) if m else s.strip().splitlines()[0])[:120]
-    return s[:1].lower() + s[1:]
 
 
 def _fsync_dir_files(folder: Path) -> None:
@@ -263,7 +257,7 @@ def load_prepared(path: Path, *, verify: bool = True) -> Dataset:
         try:
             digest = sha256_file(p) if verify else None
         except OSError as e:
-            raise DataError(f"cannot read file: {_reason(e)}", p) from None
+            raise DataError(f"cannot read file: {os_reason(e)}", p) from None
         if verify and digest != manifest.get("files", {}).get(key):
             raise DataError("file does not match the manifest's checksum (modified or corrupt)", p)
         try:

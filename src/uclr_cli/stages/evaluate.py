@@ -13,7 +13,6 @@ Plain functions: nothing here prints or exits; progress goes through a callback.
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from uclr_cli.data.prepared import Dataset, EvalSplit
 from uclr_cli.data.split import DEFAULT_BUCKETS, bucket_index, bucket_labels
 from uclr_cli.errors import ConfigError, DataError
+from uclr_cli.files import atomic_write
 from uclr_cli.metrics import METRIC_NAMES, metrics_from_ranks, positive_ranks, rank_candidates
 from uclr_cli import checkpoint as ckpt
 from uclr_cli.stages import baseline as bl
@@ -342,17 +342,7 @@ def _aggregate(data: Dataset, split: str, seeds: list[int], ks: list[int], label
 def write_per_seed(per_seed: pl.DataFrame, path: Path) -> Path:
     """Write the per-seed rows to parquet: a temporary sibling renamed into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        per_seed.write_parquet(tmp, compression="zstd")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot write parquet: {e.strerror or e}", path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: per_seed.write_parquet(tmp, compression="zstd"), "parquet", DataError)
     return path
 
 
