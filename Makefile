@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install quickstart test test-all bench clean
+.PHONY: install quickstart test test-all lint check bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,14 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff: format and lint rules in pyproject.toml ([tool.ruff]).
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+# The one command that checks a change: lint, then the default test suite.
+check: lint test
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''

@@ -62,7 +62,9 @@ def child(cmd: list[str], cwd: Path, capture: bool = False) -> tuple[float, floa
     os.close(fd)
     try:
         t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-c", _LAUNCH, peak_file, *cmd], cwd=cwd, stdout=subprocess.PIPE if capture else None)
+        res = subprocess.run(
+            [sys.executable, "-c", _LAUNCH, peak_file, *cmd], cwd=cwd, stdout=subprocess.PIPE if capture else None
+        )
         wall = time.perf_counter() - t0
         if res.returncode:
             raise subprocess.CalledProcessError(res.returncode, cmd)
@@ -145,8 +147,18 @@ def bench_pretrain(work: Path, quick: bool) -> None:
         pretrain.run_seed(cfg, data, work / f"bench-{opt}", 0, progress=lambda e: got.append(e.samples_per_s))
         speeds[opt] = max(got)
     row("pretrain dense Adam (--optimizer adam, the paper's), samples/s", f"{speeds['adam']:,.0f}", "reference")
-    row(f"pretrain {default} (default), samples/s", f"{speeds[default]:,.0f}", ">= 1,000,000 and >= 20x ref", f"{speeds[default] / speeds['adam']:.1f}x")
-    row("pretrain rowwise-adam (lazy Adam), samples/s", f"{speeds['rowwise-adam']:,.0f}", "", f"{speeds['rowwise-adam'] / speeds['adam']:.1f}x")
+    row(
+        f"pretrain {default} (default), samples/s",
+        f"{speeds[default]:,.0f}",
+        ">= 1,000,000 and >= 20x ref",
+        f"{speeds[default] / speeds['adam']:.1f}x",
+    )
+    row(
+        "pretrain rowwise-adam (lazy Adam), samples/s",
+        f"{speeds['rowwise-adam']:,.0f}",
+        "",
+        f"{speeds['rowwise-adam'] / speeds['adam']:.1f}x",
+    )
     del torch
 
 
@@ -159,7 +171,13 @@ def bench_contrast_finetune(work: Path, quick: bool) -> None:
     run = work / "bench-stages"
     pretrain.run_seed(PretrainConfig(epochs=1, device="cpu"), data, run, 0)
     times = []
-    contrast.run_seed(ContrastConfig(epochs=2, device="cpu"), data, run, 0, progress=lambda e: times.append(data.n_users / e.samples_per_s))
+    contrast.run_seed(
+        ContrastConfig(epochs=2, device="cpu"),
+        data,
+        run,
+        0,
+        progress=lambda e: times.append(data.n_users / e.samples_per_s),
+    )
     row(f"contrast, s/epoch over {data.n_users:,} users", f"{min(times):.2f} s", "<= 2 s")
     for d in data.domains:
         ft = []
@@ -177,7 +195,11 @@ def bench_evaluate(work: Path, quick: bool) -> None:
     users, items, m = 26507, 145_000, 128
     uv, iv = torch.randn(users, m, generator=g), torch.randn(items, m, generator=g)
     evs = [
-        (torch.arange(users), torch.randint(0, items, (users,), generator=g), torch.randint(0, items, (users, 99), generator=g))
+        (
+            torch.arange(users),
+            torch.randint(0, items, (users,), generator=g),
+            torch.randint(0, items, (users, 99), generator=g),
+        )
         for _ in range(3)
     ]
     best = float("inf")
@@ -200,7 +222,9 @@ def bench_baselines(work: Path, quick: bool) -> None:
     for name in baseline.NAMES:
         speeds = []  # training only (the epoch's validation is not timed); the faster of 2 epochs
         cfg = BaselineConfig(model=name, epochs=2, device="cpu")  # defaults: m=128, batch 2048, 4 negatives, 3 layers
-        baseline.run_domain(cfg, data, work / "bench-baselines", 0, d, progress=lambda e: speeds.append(e.samples_per_s))
+        baseline.run_domain(
+            cfg, data, work / "bench-baselines", 0, d, progress=lambda e: speeds.append(e.samples_per_s)
+        )
         row(f"baseline {name} {d}, s/epoch ({n:,} train rows)", f"{n / max(speeds):.2f} s")
 
 
@@ -243,7 +267,14 @@ def ours_to_budget(data, optimizer: str, budget: float, run: Path) -> dict:
     except _BudgetSpent:
         pass
     epoch, used, score = curve[-1]
-    return {"ndcg": score, "epochs": epoch, "train_s": used, "wall_s": time.perf_counter() - t0, "samples_per_s": n * epoch / used, "curve": curve}
+    return {
+        "ndcg": score,
+        "epochs": epoch,
+        "train_s": used,
+        "wall_s": time.perf_counter() - t0,
+        "samples_per_s": n * epoch / used,
+        "curve": curve,
+    }
 
 
 def implicit_to_budget(data, budget: float, threads: int, factors: int = 128) -> dict | None:
@@ -287,9 +318,22 @@ def implicit_to_budget(data, budget: float, threads: int, factors: int = 128) ->
         attempts += k * ui.nnz
     wall = time.perf_counter() - t0
     # 128 factors + 1 bias column: the user side of it is fixed at 1, so the dot product adds the item's bias.
-    uv, iv = torch.from_numpy(np.ascontiguousarray(model.user_factors)), torch.from_numpy(np.ascontiguousarray(model.item_factors))
+    uv, iv = (
+        torch.from_numpy(np.ascontiguousarray(model.user_factors)),
+        torch.from_numpy(np.ascontiguousarray(model.item_factors)),
+    )
     score = common.mean_score(common.valid_scores(data, uv, iv, data.valid))
-    return {"ndcg": score, "epochs": epochs, "train_s": used, "wall_s": wall, "fit_calls": calls, "samples_per_s": attempts / used, "skipped": skipped / attempts, "lr": model.learning_rate, "reg": model.regularization}
+    return {
+        "ndcg": score,
+        "epochs": epochs,
+        "train_s": used,
+        "wall_s": wall,
+        "fit_calls": calls,
+        "samples_per_s": attempts / used,
+        "skipped": skipped / attempts,
+        "lr": model.learning_rate,
+        "reg": model.regularization,
+    }
 
 
 def bench_quality(work: Path, quick: bool) -> None:
@@ -307,18 +351,37 @@ def bench_quality(work: Path, quick: bool) -> None:
     else:
         row(f"quality: implicit {_implicit_version()} BPR, valid NDCG@10", f"{100 * peer['ndcg']:.2f} %", "reference")
         # Not our objective: hogwild SGD, 128 factors + an item bias, negatives over all domains by popularity.
-        row("quality: implicit BPR, epochs / samples/s", f"{peer['epochs']} / {peer['samples_per_s']:,.0f}", "", f"{100 * peer['skipped']:.1f} % skipped")
+        row(
+            "quality: implicit BPR, epochs / samples/s",
+            f"{peer['epochs']} / {peer['samples_per_s']:,.0f}",
+            "",
+            f"{100 * peer['skipped']:.1f} % skipped",
+        )
     from uclr_cli.config import PretrainConfig
 
     for opt in (PretrainConfig().optimizer, "adam"):
         r = ours_to_budget(data, opt, budget, work / f"bench-quality-{opt}")
         name = f"{opt} (default)" if opt != "adam" else "dense Adam (the paper's)"
         vs = (lambda key: f"{r[key] / peer[key]:.2f}x implicit") if peer else (lambda key: "")
-        row(f"quality: ours {name}, valid NDCG@10", f"{100 * r['ndcg']:.2f} %", ">= implicit at equal wall time" if peer else "", vs("ndcg"))
-        row(f"quality: ours {name}, epochs / samples/s", f"{r['epochs']} / {r['samples_per_s']:,.0f}", "", vs("samples_per_s"))
+        row(
+            f"quality: ours {name}, valid NDCG@10",
+            f"{100 * r['ndcg']:.2f} %",
+            ">= implicit at equal wall time" if peer else "",
+            vs("ndcg"),
+        )
+        row(
+            f"quality: ours {name}, epochs / samples/s",
+            f"{r['epochs']} / {r['samples_per_s']:,.0f}",
+            "",
+            vs("samples_per_s"),
+        )
         if peer:
             reach = next((t for _, t, score in r["curve"] if score >= peer["ndcg"]), None)
-            row(f"quality: ours {name}, training s to implicit's NDCG@10", f"{reach:.1f} s" if reach is not None else "not reached", f"<= {budget:g} s")
+            row(
+                f"quality: ours {name}, training s to implicit's NDCG@10",
+                f"{reach:.1f} s" if reach is not None else "not reached",
+                f"<= {budget:g} s",
+            )
 
 
 def _implicit_version() -> str:
@@ -353,14 +416,26 @@ def bench_e2e(work: Path, quick: bool) -> None:
         wall, rss, out = uclr(*args, cwd=work, capture=True)
         total, peak = total + wall, max(peak, rss)
         note = f" ({'--optimizer ' + opt if opt else 'defaults'}, to early stop)" if name == "pretrain" else ""
-        row(f"e2e ({preset}) {name}{note}: wall, peak RSS", f"{wall:.1f} s, {rss:.2f} GB", "", _epochs_run(run / "seed-0", name))
+        row(
+            f"e2e ({preset}) {name}{note}: wall, peak RSS",
+            f"{wall:.1f} s, {rss:.2f} GB",
+            "",
+            _epochs_run(run / "seed-0", name),
+        )
     row(f"e2e ({preset}), one seed, CPU: total wall", f"{total:.1f} s", "<= 300 s" if not quick else "")
     row(f"e2e ({preset}), one seed, CPU: peak RSS (max over steps)", f"{peak:.2f} GB", "<= 2 GB" if not quick else "")
     rows = json.loads(out)["rows"]
     for model in ("PGE", "UCLR"):
-        vals = [r["mean"] for r in rows if r["model"] == model and r["bucket"] == "all" and r["metric"] == "ndcg" and r["k"] == 10]
+        vals = [
+            r["mean"]
+            for r in rows
+            if r["model"] == model and r["bucket"] == "all" and r["metric"] == "ndcg" and r["k"] == 10
+        ]
         if vals:
-            row(f"e2e ({preset}) test NDCG@10 of {model}, mean over {len(vals)} domains", f"{sum(vals) / len(vals):.2f} %")
+            row(
+                f"e2e ({preset}) test NDCG@10 of {model}, mean over {len(vals)} domains",
+                f"{sum(vals) / len(vals):.2f} %",
+            )
 
 
 def _epochs_run(seed_dir: Path, stage: str) -> str:
@@ -413,11 +488,34 @@ def bench_scaling(work: Path, quick: bool) -> None:
             items = ",".join(str(max(2, round(n * s))) for n in base.items)
             users = max(2, round(base.users * s))
             inter = ",".join(str(max(users, round(n * s))) for n in base.interactions)
-            uclr("prepare", "synthetic", "--preset", "amazon", "--users", str(users), "--items", items, "--interactions", inter, "--out", str(out), cwd=work)
+            uclr(
+                "prepare",
+                "synthetic",
+                "--preset",
+                "amazon",
+                "--users",
+                str(users),
+                "--items",
+                items,
+                "--interactions",
+                inter,
+                "--out",
+                str(out),
+                cwd=work,
+            )
         for opt in (default, "adam"):
             if opt == "adam" and s > dense_max:
                 continue
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--pretrain-child", str(out), "--child-optimizer", opt, "--child-epochs", "2"]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--pretrain-child",
+                str(out),
+                "--child-optimizer",
+                opt,
+                "--child-epochs",
+                "2",
+            ]
             _, rss, text = child(cmd, work, capture=True)
             r = json.loads(text.strip().splitlines()[-1])
             growth = ""
@@ -425,7 +523,10 @@ def bench_scaling(work: Path, quick: bool) -> None:
                 growth = f"x{r['epoch_s'] / prev[opt][0]:.2f} time, x{rss / prev[opt][1]:.2f} RSS"
             prev[opt] = (r["epoch_s"], rss)
             if opt == default:
-                row(f"scaling {s:g}x Amazon: users / items / train rows", f"{r['users']:,} / {r['items']:,} / {r['rows']:,}")
+                row(
+                    f"scaling {s:g}x Amazon: users / items / train rows",
+                    f"{r['users']:,} / {r['items']:,} / {r['rows']:,}",
+                )
             name = f"{opt} (default)" if opt == default else "dense Adam"
             row(
                 f"scaling {s:g}x: pretrain {name}, s/epoch / s per 1M samples / peak RSS",
@@ -453,8 +554,12 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
     ap.add_argument("--quick", action="store_true", help="small sizes, a few minutes in all")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
-    ap.add_argument("--budget", type=float, default=None, help="quality: training seconds per model (default 60; 10 with --quick)")
-    ap.add_argument("--e2e-optimizer", default=None, help="e2e: `uclr pretrain --optimizer` (default: the library's default)")
+    ap.add_argument(
+        "--budget", type=float, default=None, help="quality: training seconds per model (default 60; 10 with --quick)"
+    )
+    ap.add_argument(
+        "--e2e-optimizer", default=None, help="e2e: `uclr pretrain --optimizer` (default: the library's default)"
+    )
     ap.add_argument("--pretrain-child", default=None, help=argparse.SUPPRESS)  # scaling: one child per scale
     ap.add_argument("--child-optimizer", default=None, help=argparse.SUPPRESS)  # None: the library's default
     ap.add_argument("--child-epochs", type=int, default=2, help=argparse.SUPPRESS)

@@ -2,7 +2,8 @@
 
 Model selection happens here, on the validation split only. Usage:
 
-    python benchmarks/validation.py --data data/douban --seeds 0,1,2 --run /tmp/valrun [--only pretrain,contrast,finetune]
+    python benchmarks/validation.py --data data/douban --seeds 0,1,2 --run /tmp/valrun \
+        [--only pretrain,contrast,finetune]
 
 Prints one table per stage: rows = settings, columns = domains (valid NDCG@10, %).
 """
@@ -76,7 +77,7 @@ def main() -> None:
     if "contrast" in only:
         rows = {}
         for mode in ("none", "global", "individual"):
-            for mask in (("row", "element") if mode != "none" else ("element",)):
+            for mask in ("row", "element") if mode != "none" else ("element",):
                 kw = {"temperature": mode, "mask": mask, **con_kw}
                 name = f"{mode}/{mask}" if mode != "none" else "none (AE)"
                 sub = run / f"contrast-{mode}-{mask}"

@@ -37,7 +37,11 @@ def test_ablate_three_seeds_end_to_end_and_skip(tiny_data, tmp_path):
     assert r.exit_code == 0, r.output
     for s in (0, 1, 2):
         sd = run / f"seed-{s}"
-        for name in (ckpt.PRETRAIN, *ckpt.CONTRAST.values(), *(ckpt.finetune_name(d) for d in ("books", "movies", "music"))):
+        for name in (
+            ckpt.PRETRAIN,
+            *ckpt.CONTRAST.values(),
+            *(ckpt.finetune_name(d) for d in ("books", "movies", "music")),
+        ):
             assert (sd / name).is_file(), (s, name)
         # the contrast variants of a seed share its PGE checkpoint
         sha = ckpt.read_header(sd / ckpt.CONTRAST["none"])["pretrain_sha256"]

@@ -95,20 +95,35 @@ def two_groups() -> Dataset:
         train.append((u, u % 20, 0))  # one interaction in the first domain
         valid.append((u, held, liked[1 - u % 2]))
     tu, ti, td = torch.tensor(train).T
-    b = EvalSplit(torch.tensor([v[0] for v in valid]), torch.tensor([v[1] for v in valid]), torch.tensor([v[2] for v in valid]))
-    empty = EvalSplit(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros((0, 5), dtype=torch.int64))
+    b = EvalSplit(
+        torch.tensor([v[0] for v in valid]), torch.tensor([v[1] for v in valid]), torch.tensor([v[2] for v in valid])
+    )
+    empty = EvalSplit(
+        torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros((0, 5), dtype=torch.int64)
+    )
     counts = torch.zeros(2, n_users, dtype=torch.int64).index_put_((td, tu), torch.ones_like(tu), accumulate=True)
     return Dataset(
-        path=Path("hand-made"), manifest={"name": "groups", "fingerprint": "f" * 64}, n_users=n_users, n_items=30,
-        domains=["a", "b"], item_offsets=[0, 20, 30], train_user=tu.contiguous(), train_item=ti.contiguous(),
-        train_domain=td.contiguous(), train_counts=counts, valid={"a": empty, "b": b}, test={"a": empty, "b": b},
+        path=Path("hand-made"),
+        manifest={"name": "groups", "fingerprint": "f" * 64},
+        n_users=n_users,
+        n_items=30,
+        domains=["a", "b"],
+        item_offsets=[0, 20, 30],
+        train_user=tu.contiguous(),
+        train_item=ti.contiguous(),
+        train_domain=td.contiguous(),
+        train_counts=counts,
+        valid={"a": empty, "b": b},
+        test={"a": empty, "b": b},
     )
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_hand_made_two_groups(name, tmp_path):
     hand = two_groups()
-    cfg = config(name, batch_size=32, epochs=30, patience=30, lr=0.05, **({"mlp_layers": [8]} if name == "neumf" else {}))
+    cfg = config(
+        name, batch_size=32, epochs=30, patience=30, lr=0.05, **({"mlp_layers": [8]} if name == "neumf" else {})
+    )
     res = bl.run_domain(cfg, hand, tmp_path, 0, "b")
     model = bl.load_model(tmp_path / "seed-0", name, hand, "b", CPU)
     ev_b = hand.valid["b"]
@@ -128,7 +143,12 @@ def test_save_load_round_trip(data, trained, name, tmp_path):
     assert bl.valid_score(model, data, DOMAIN) == res.best_score
     meta = ckpt.read_header(res.path)
     assert meta["stage"] == f"baseline-{name}" and meta["dataset"] == data.fingerprint and meta["seed"] == 0
-    assert meta["domain"] == DOMAIN and meta["dim"] == 16 and meta["epoch"] == res.best_epoch and meta["config"]["model"] == name
+    assert (
+        meta["domain"] == DOMAIN
+        and meta["dim"] == 16
+        and meta["epoch"] == res.best_epoch
+        and meta["config"]["model"] == name
+    )
     # save what was loaded under another folder, reload: identical scores
     copy = tmp_path / "seed-0" / ckpt.baseline_name(name, DOMAIN)
     ckpt.save(copy, model.tensors(), {k: v for k, v in meta.items() if k not in ("format_version", "package_version")})
@@ -315,7 +335,16 @@ def test_bprmf_scores_are_dot_products():
 
 def test_config_defaults_and_model_options():
     c = BaselineConfig()
-    assert (c.dim, c.batch_size, c.lr, c.reg, c.epochs, c.patience, c.negatives, c.layers) == (128, 2048, 1e-3, 1e-5, 100, 10, 4, 3)
+    assert (c.dim, c.batch_size, c.lr, c.reg, c.epochs, c.patience, c.negatives, c.layers) == (
+        128,
+        2048,
+        1e-3,
+        1e-5,
+        100,
+        10,
+        4,
+        3,
+    )
     with pytest.raises(ValidationError, match="learning_rate"):
         BaselineConfig(learning_rate=0.1)
     with pytest.raises(ValidationError, match="layers applies to lightgcn"):
@@ -334,9 +363,39 @@ def test_evaluate_constants_match_stage():
 def cli_run(tiny_data, tmp_path_factory):
     """A run folder with PGE (all domains) and the three baselines on DOMAIN, through the CLI."""
     run = tmp_path_factory.mktemp("bl-cli") / "run"
-    r = run_cli("-q", "pretrain", "--data", tiny_data, "--run", run, "--dim", "16", "--epochs", "1", "--batch-size", "512", "--device", "cpu")
+    r = run_cli(
+        "-q",
+        "pretrain",
+        "--data",
+        tiny_data,
+        "--run",
+        run,
+        "--dim",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "512",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
-    common = ["--data", tiny_data, "--run", run, "--domain", DOMAIN, "--dim", "16", "--epochs", "2", "--batch-size", "256", "--device", "cpu"]
+    common = [
+        "--data",
+        tiny_data,
+        "--run",
+        run,
+        "--domain",
+        DOMAIN,
+        "--dim",
+        "16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "256",
+        "--device",
+        "cpu",
+    ]
     r = run_cli("baseline", "neumf", *common, "--negatives", "2", "--mlp-layers", "16,8", "--lr", "0.01")
     assert r.exit_code == 0, r.output
     assert "baseline-neumf: best validation NDCG@10" in r.stdout
@@ -382,7 +441,9 @@ def test_evaluate_shows_baselines_in_table_2_order(tiny_data, data, cli_run):
     for d in data.domains:
         models = [x.model for x in rep.rows if x.domain == d and x.bucket == "all" and x.metric == "ndcg"]
         # a baseline trained for some domains only: rows only there
-        assert models == (["Random", "Pop", "BPRMF", "NeuMF", "LightGCN", "PGE"] if d == DOMAIN else ["Random", "Pop", "PGE"])
+        assert models == (
+            ["Random", "Pop", "BPRMF", "NeuMF", "LightGCN", "PGE"] if d == DOMAIN else ["Random", "Pop", "PGE"]
+        )
     for x in rep.rows:
         if x.model in ev.BASELINES:
             assert x.n_seeds == 1 and 0.0 <= x.mean <= 100.0

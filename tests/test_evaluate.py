@@ -140,7 +140,7 @@ def test_mean_std_match_per_seed_parquet(tiny_data, trained, tmp_path):
     assert df.columns == ["domain", "model", "seed", "bucket", "metric", "k", "value", "n_users"]
     assert sorted(df.get_column("seed").unique().to_list()) == [0, 1]
     groups = {}
-    for dom, model, seed, bucket, metric, k, value, n in df.iter_rows():
+    for dom, model, _seed, bucket, metric, k, value, _n in df.iter_rows():
         groups.setdefault((dom, model, bucket, metric, k), []).append(value)
     assert len(groups) == len(rep.rows)
     for row in rep.rows:
@@ -229,7 +229,9 @@ def test_plot_without_matplotlib(tiny_data, trained, tmp_path, monkeypatch):
 def test_plots_with_matplotlib(tiny_data, trained, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
-    r = run_cli("evaluate", "--data", tiny_data, "--run", trained, "--device", "cpu", "--plot", tmp_path / "e.png", "--json")
+    r = run_cli(
+        "evaluate", "--data", tiny_data, "--run", trained, "--device", "cpu", "--plot", tmp_path / "e.png", "--json"
+    )
     assert r.exit_code == 0, r.output
     json.loads(r.stdout)
     r = run_cli("stats", "--data", tiny_data, "--plot", tmp_path / "s.png")

@@ -341,7 +341,9 @@ def test_temperature_step_hand_example():
     # τ = 0.5 - 0.1*m = [0.229, 0.547, 0.77 -> 0.7]
     torch.testing.assert_close(new_tau, torch.tensor([0.229, 0.547, 0.7], dtype=D64), rtol=0, atol=1e-14)
     # the inputs are not modified in place
-    assert torch.equal(tau, torch.full((3,), 0.5, dtype=D64)) and torch.equal(m, torch.tensor([0.1, -0.2, 0.0], dtype=D64))
+    assert torch.equal(tau, torch.full((3,), 0.5, dtype=D64)) and torch.equal(
+        m, torch.tensor([0.1, -0.2, 0.0], dtype=D64)
+    )
 
 
 def test_temperature_step_lower_bound_and_clip_symmetric():

@@ -130,6 +130,7 @@ def test_matches_numpy_on_random_floats(seed):
 
 # ------------------------------------------------------------------ properties
 
+
 @st.composite
 def _score_rows(draw):
     """(pos (R,), neg (R, N)) from a small integer pool, so ties are common."""

@@ -178,7 +178,9 @@ def test_rowadam_matches_torch_adam_all_rows():
     g = _gen(1)
     rows = torch.arange(6)
     for _ in range(5):
-        grad = torch.randn(6, 3, generator=g, dtype=torch.float64) * torch.logspace(-3, 1, 6, dtype=torch.float64)[:, None]
+        grad = (
+            torch.randn(6, 3, generator=g, dtype=torch.float64) * torch.logspace(-3, 1, 6, dtype=torch.float64)[:, None]
+        )
         perm = torch.randperm(6, generator=g)  # row order in the update must not matter
         ra.step({"t": (rows[perm], grad[perm])})
         ref.grad = grad.clone()

@@ -55,7 +55,7 @@ def test_untouched_rows_unchanged_and_state_round_trip(b1):
 
 
 def test_without_momentum_a_touched_row_moves_by_lr_times_g_over_root_v():
-    """beta1 = 0: the first step moves each touched row by -lr * g / (|g| + eps) per coordinate (bias-corrected v = g²)."""
+    """beta1 = 0: the first step moves each touched row by -lr * g / (|g| + eps) per coordinate (v = g²)."""
     emb = torch.tensor([[1.0, -2.0], [0.5, 0.25], [-1.0, 1.0]], dtype=torch.float64)  # 1 user, 2 items
     before = emb.clone()
     opt = BPRRowAdam(emb, 1, lr=0.1, reg=0.0, betas=(0.0, 0.999), eps=0.0)

@@ -63,8 +63,17 @@ def test_split_invariants_on_synthetic(tiny_data):
 
 
 def test_leave_one_out_by_time_and_file_order():
-    a = raw("a", [("u1", "x1", 30), ("u1", "x2", 10), ("u1", "x3", 20), ("u2", "x1", 5), ("u2", "x4", 6)] + [("u9", f"x{k}", k) for k in range(5, 12)])
-    b = raw("b", [("u1", "y1", None), ("u1", "y2", None), ("u2", "y2", None), ("u9", "y3", None)] + [("u9", f"y{k}", None) for k in range(4, 9)], with_ts=False)
+    a = raw(
+        "a",
+        [("u1", "x1", 30), ("u1", "x2", 10), ("u1", "x3", 20), ("u2", "x1", 5), ("u2", "x4", 6)]
+        + [("u9", f"x{k}", k) for k in range(5, 12)],
+    )
+    b = raw(
+        "b",
+        [("u1", "y1", None), ("u1", "y2", None), ("u2", "y2", None), ("u9", "y3", None)]
+        + [("u9", f"y{k}", None) for k in range(4, 9)],
+        with_ts=False,
+    )
     t = build_tables([a, b], negatives=2, seed=0)
     uid = {v: k for k, v in t.users.iter_rows()}
     iid = dict(zip(t.items["item_id"].to_list(), t.items["item_idx"].to_list()))
@@ -84,7 +93,11 @@ def test_leave_one_out_by_time_and_file_order():
 
 
 def test_duplicates_keep_earliest_and_overlap_filter():
-    a = raw("a", [("u1", "x1", 50), ("u1", "x1", 10), ("u1", "x2", 20), ("u3", "x3", 1)] + [("u1", f"x{k}", 100 + k) for k in range(4, 8)])
+    a = raw(
+        "a",
+        [("u1", "x1", 50), ("u1", "x1", 10), ("u1", "x2", 20), ("u3", "x3", 1)]
+        + [("u1", f"x{k}", 100 + k) for k in range(4, 8)],
+    )
     b = raw("b", [("u1", "y1", 1)] + [("u1", f"y{k}", 1 + k) for k in range(2, 6)])
     t = build_tables([a, b], negatives=2, seed=0)
     assert t.users["user_id"].to_list() == ["u1"]  # u3 is only in domain a
@@ -111,7 +124,7 @@ def test_dense_user_exact_fallback():
     a = raw("a", [("u1", f"x{k}", k) for k in range(6)] + [("u2", f"x{k}", k) for k in range(6, 10)])
     b = raw("b", [("u1", f"y{k}", k) for k in range(4)] + [("u2", f"y{k}", k) for k in range(4)])
     t = build_tables([a, b], negatives=3, seed=1)
-    row = t.test.filter((pl.col("domain") == 0)).sort("user").row(0, named=True)
+    row = t.test.filter(pl.col("domain") == 0).sort("user").row(0, named=True)
     touched = set(t.train.filter((pl.col("user") == row["user"]) & (pl.col("domain") == 0))["item"].to_list())
     assert len(set(row["negatives"])) == 3 and not set(row["negatives"]) & (touched | {row["item"]})
 
@@ -121,7 +134,9 @@ def test_same_seed_byte_identical_and_seed_matters(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         r = run_cli("prepare", "synthetic", "--preset", "tiny", "--seed", seed, "--out", tmp_path / name)
         assert r.exit_code == 0, r.output
-        outs.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / name).glob("*.parquet"))})
+        outs.append(
+            {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / name).glob("*.parquet"))}
+        )
     assert len(outs[0]) == 5 and outs[0] == outs[1]
     assert outs[0]["test.parquet"] != outs[2]["test.parquet"]
 
@@ -166,7 +181,9 @@ def test_refuses_too_few_items_and_no_shared_user(tmp_path):
 
 def test_cli_errors_leave_nothing(tmp_path):
     out = tmp_path / "o"
-    r = run_cli("prepare", "synthetic", "--users", "10", "--items", "50,50,50", "--interactions", "30,30,30", "--out", out)
+    r = run_cli(
+        "prepare", "synthetic", "--users", "10", "--items", "50,50,50", "--interactions", "30,30,30", "--out", out
+    )
     assert r.exit_code == 1
     assert r.stderr.startswith("error: ") and "--negatives" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.iterdir())

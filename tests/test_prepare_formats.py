@@ -36,23 +36,41 @@ def write_format(raw: Path, fmt: str) -> None:
         elif fmt == "amazon-2018-csv":
             (raw / f"{cat}.csv").write_text("".join(f"{asin(i, digits)},{u},4.0,{ts}\n" for u, i, ts in rs))
         elif fmt == "amazon-review-json-gz":
-            lines = [json.dumps({"reviewerID": u, "asin": asin(i, digits), "overall": 5.0, "unixReviewTime": ts, "reviewText": "ok"}) for u, i, ts in rs]
+            lines = [
+                json.dumps(
+                    {"reviewerID": u, "asin": asin(i, digits), "overall": 5.0, "unixReviewTime": ts, "reviewText": "ok"}
+                )
+                for u, i, ts in rs
+            ]
             with gzip.open(raw / f"reviews_{cat}_5.json.gz", "wt") as f:
                 f.write("\n".join(lines) + "\n")
         elif fmt == "amazon-2023-jsonl":
-            lines = [json.dumps({"user_id": u, "parent_asin": asin(i, digits), "rating": 3.0, "timestamp": ts * 1000}) for u, i, ts in rs]
+            lines = [
+                json.dumps({"user_id": u, "parent_asin": asin(i, digits), "rating": 3.0, "timestamp": ts * 1000})
+                for u, i, ts in rs
+            ]
             (raw / f"{cat}.jsonl").write_text("\n".join(lines) + "\n")
         elif fmt == "douban-release":
             dom = ("book", "music")[d]
             (raw / f"douban_{dom}").mkdir()
-            (raw / f"douban_{dom}" / "ratings.dat").write_text("".join(f"{USERS.index(u)}\t{i}\t4\n" for u, i, ts in rs))
+            (raw / f"douban_{dom}" / "ratings.dat").write_text(
+                "".join(f"{USERS.index(u)}\t{i}\t4\n" for u, i, ts in rs)
+            )
         elif fmt == "douban-text":
             dom = ("book", "music")[d]
             body = "".join(f'"{u}"\t"{i}"\t"4"\t"2010-01-0{1 + k % 4}"\t"nice"\n' for k, (u, i, ts) in enumerate(rs))
-            (raw / f"{dom}reviews_cleaned.txt").write_text(f'"user_id"\t"{dom}_id"\t"rating"\t"time"\t"comment"\n' + body)
+            (raw / f"{dom}reviews_cleaned.txt").write_text(
+                f'"user_id"\t"{dom}_id"\t"rating"\t"time"\t"comment"\n' + body
+            )
         elif fmt == "files":
             dom = ("books", "movies")[d]
-            pl.DataFrame({"user": [u for u, _, _ in rs], "item": [f"it{i}" for _, i, _ in rs], "timestamp": [ts for *_, ts in rs]}).write_csv(raw / f"{dom}.csv")
+            pl.DataFrame(
+                {
+                    "user": [u for u, _, _ in rs],
+                    "item": [f"it{i}" for _, i, _ in rs],
+                    "timestamp": [ts for *_, ts in rs],
+                }
+            ).write_csv(raw / f"{dom}.csv")
 
 
 SOURCE = {
@@ -121,7 +139,14 @@ def case_bad_time(raw):
 
 def case_truncated_gz(raw):
     raw.mkdir()
-    data = gzip.compress(("\n".join(json.dumps({"reviewerID": u, "asin": asin(1, True), "overall": 5.0, "unixReviewTime": 1}) for u in USERS * 50)).encode())
+    data = gzip.compress(
+        (
+            "\n".join(
+                json.dumps({"reviewerID": u, "asin": asin(1, True), "overall": 5.0, "unixReviewTime": 1})
+                for u in USERS * 50
+            )
+        ).encode()
+    )
     (raw / "reviews_Books_5.json.gz").write_bytes(data[: len(data) // 2])
 
 

@@ -35,11 +35,23 @@ CSV_2018 = "".join(f"{i},{u},{r},{t}\n" for u, i, r, t, _ in ROWS_2014)
 
 def review(user="A2SUAM1J3GNN3B", item="0000013714", overall=5.0, ts=1252800000) -> str:
     """One 2014/2018 review line with the usual extra keys."""
-    return json.dumps({
-        "reviewerID": user, "asin": item, "reviewerName": "J. McDonald", "helpful": [2, 3],
-        "reviewText": 'I "bought" this, twice.', "overall": overall, "summary": "Heavenly",
-        "unixReviewTime": ts, "reviewTime": "09 13, 2009", "style": {"Format:": " Hardcover"},
-    }) + "\n"
+    return (
+        json.dumps(
+            {
+                "reviewerID": user,
+                "asin": item,
+                "reviewerName": "J. McDonald",
+                "helpful": [2, 3],
+                "reviewText": 'I "bought" this, twice.',
+                "overall": overall,
+                "summary": "Heavenly",
+                "unixReviewTime": ts,
+                "reviewTime": "09 13, 2009",
+                "style": {"Format:": " Hardcover"},
+            }
+        )
+        + "\n"
+    )
 
 
 def write(folder: Path, name: str, content: str | bytes, gz: bool = False) -> Path:
@@ -121,12 +133,24 @@ def test_amazon_review_json_plain_and_gzipped(tmp_path):
 
 
 def test_amazon_2023_jsonl_and_csv(tmp_path):
-    rec = {"rating": 4.0, "title": "ok", "text": "fine", "images": [], "asin": "B00YQ6X8EO",
-           "parent_asin": "B00YQ6X8EP", "user_id": "AGKHLEW2SOWHNMFQIJGBECAF7INQ",
-           "timestamp": 1588687728923, "helpful_vote": 0, "verified_purchase": True}
+    rec = {
+        "rating": 4.0,
+        "title": "ok",
+        "text": "fine",
+        "images": [],
+        "asin": "B00YQ6X8EO",
+        "parent_asin": "B00YQ6X8EP",
+        "user_id": "AGKHLEW2SOWHNMFQIJGBECAF7INQ",
+        "timestamp": 1588687728923,
+        "helpful_vote": 0,
+        "verified_purchase": True,
+    }
     write(tmp_path, "Books.jsonl.gz", json.dumps(rec) + "\n", gz=True)
-    write(tmp_path, "Clothing_Shoes_and_Jewelry.csv",
-          "user_id,parent_asin,rating,timestamp\nAGKHLEW2SOWHNMFQIJGBECAF7INQ,B00YQ6X8EP,5.0,1588687728999\n")
+    write(
+        tmp_path,
+        "Clothing_Shoes_and_Jewelry.csv",
+        "user_id,parent_asin,rating,timestamp\nAGKHLEW2SOWHNMFQIJGBECAF7INQ,B00YQ6X8EP,5.0,1588687728999\n",
+    )
     books, clothing = read_amazon(tmp_path)
     assert books.name == "books" and books.meta["format"] == "amazon-2023-jsonl"
     assert rows(books) == [("AGKHLEW2SOWHNMFQIJGBECAF7INQ", "B00YQ6X8EP", 4.0, 1588687728, 1)]
@@ -199,11 +223,13 @@ def test_amazon_bad_time_names_the_line(tmp_path, ts):
     assert "ratings_Books.csv" in msg and "line 2" in msg and "timestamp" in msg
 
 
-@pytest.mark.parametrize(("name", "content"), [("ratings_Books.csv.gz", CSV_2014 * 500), ("Books_5.json.gz", review() * 50)])
+@pytest.mark.parametrize(
+    ("name", "content"), [("ratings_Books.csv.gz", CSV_2014 * 500), ("Books_5.json.gz", review() * 50)]
+)
 def test_amazon_truncated_gzip(tmp_path, name, content):
-    data = gzip.compress("".join(
-        c.replace("A2SUAM1J3GNN3B", f"A{i:013d}") for i, c in enumerate(content.splitlines(True))
-    ).encode())
+    data = gzip.compress(
+        "".join(c.replace("A2SUAM1J3GNN3B", f"A{i:013d}") for i, c in enumerate(content.splitlines(True))).encode()
+    )
     write(tmp_path, name, data[: len(data) // 2])
     msg = error(read_amazon, tmp_path)
     assert "truncated or corrupt gzip file" in msg and name in msg
@@ -291,18 +317,28 @@ def test_douban_real_data():
 
 
 def test_files_csv_tsv_parquet(tmp_path):
-    write(tmp_path, "Books.csv",
-          "user,item,rating,timestamp,extra\n"
-          '1,007,5,1382659200,x\n"a b",B000FA64PK,4.5,2020-01-01,"say ""hi"""\nu3,i3,1,2020-01-01T02:00:00+02:00,\n')
+    write(
+        tmp_path,
+        "Books.csv",
+        "user,item,rating,timestamp,extra\n"
+        '1,007,5,1382659200,x\n"a b",B000FA64PK,4.5,2020-01-01,"say ""hi"""\nu3,i3,1,2020-01-01T02:00:00+02:00,\n',
+    )
     write(tmp_path, "music.tsv", "item\tuser\nm1\tu1\n")
-    pl.DataFrame({
-        "user": [10, 11], "item": ["a", "b"], "rating": [1, 2],
-        "timestamp": pl.Series([0, 86_400_000_000]).cast(pl.Datetime("us")),
-    }).write_parquet(tmp_path / "movies.parquet")
+    pl.DataFrame(
+        {
+            "user": [10, 11],
+            "item": ["a", "b"],
+            "rating": [1, 2],
+            "timestamp": pl.Series([0, 86_400_000_000]).cast(pl.Datetime("us")),
+        }
+    ).write_parquet(tmp_path / "movies.parquet")
     books, movies, music = read_files(tmp_path)
     assert [books.name, movies.name, music.name] == ["books", "movies", "music"]
-    assert rows(books) == [("1", "007", 5.0, 1382659200, 2), ("a b", "B000FA64PK", 4.5, 1577836800, 3),
-                           ("u3", "i3", 1.0, 1577836800, 4)]
+    assert rows(books) == [
+        ("1", "007", 5.0, 1382659200, 2),
+        ("a b", "B000FA64PK", 4.5, 1577836800, 3),
+        ("u3", "i3", 1.0, 1577836800, 4),
+    ]
     assert rows(music) == [("u1", "m1", None, None, 2)]
     assert rows(movies) == [("10", "a", 1.0, 0, 1), ("11", "b", 2.0, 86400, 2)]
 
@@ -356,7 +392,7 @@ def test_files_none_found(tmp_path):
 
 _FIELDS = st.one_of(
     st.text(max_size=6),
-    st.sampled_from(["NaN", "inf", "-1e400", "4.5", "-3", "1382659200.0", "2020-01-01", '"', "a\"b", "../x", " "]),
+    st.sampled_from(["NaN", "inf", "-1e400", "4.5", "-3", "1382659200.0", "2020-01-01", '"', 'a"b', "../x", " "]),
     st.integers().map(str),
 )
 
@@ -407,8 +443,17 @@ def test_select_domains_duplicate_files():
 
 @pytest.mark.parametrize(
     ("name", "out"),
-    [("Movies_and_TV", "movies"), ("movies_and_tv", "movies"), ("Books", "books"), ("../x", "x"),
-     ("/abs", "abs"), ("a/b", "ab"), ("a\\b", "ab"), (".hidden", "hidden"), ("Video Games", "video_games")],
+    [
+        ("Movies_and_TV", "movies"),
+        ("movies_and_tv", "movies"),
+        ("Books", "books"),
+        ("../x", "x"),
+        ("/abs", "abs"),
+        ("a/b", "ab"),
+        ("a\\b", "ab"),
+        (".hidden", "hidden"),
+        ("Video Games", "video_games"),
+    ],
 )
 def test_safe_domain_name_examples(name, out):
     assert safe_domain_name(name, "x") == out

@@ -36,7 +36,18 @@ from uclr_cli.errors import CheckpointError
 from uclr_cli.lock import LOCK_NAME, RunLock
 from uclr_cli.stages import common as stage_common
 
-PRE = ["--dim", "16", "--batch-size", "256", "--lr", "0.01", "--device", "cpu", "--save-every", "0"]  # resume state every epoch
+PRE = [
+    "--dim",
+    "16",
+    "--batch-size",
+    "256",
+    "--lr",
+    "0.01",
+    "--device",
+    "cpu",
+    "--save-every",
+    "0",
+]  # resume state every epoch
 CON = ["--hidden", "16,8", "--batch-size", "64", "--lr", "0.003", "--device", "cpu"]
 FT = ["--rank", "2", "--batch-size", "256", "--device", "cpu"]
 SAFE = re.compile(r"[a-z0-9][a-z0-9_-]*")
@@ -60,7 +71,11 @@ def uclr(*args, cwd, stdout=subprocess.DEVNULL):
     """`python -m uclr_cli ARGS` in a subprocess that takes Ctrl-C like a terminal program."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "uclr_cli", *map(str, args)], cwd=cwd, env=env, stdout=stdout, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "uclr_cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell may have ignored it
     )
 
@@ -238,14 +253,21 @@ def test_checkpoint_of_other_dimension_refused(tiny_data, base_run, foreign, tmp
     shutil.copytree(base_run, run)
     shutil.copyfile(foreign["dim"], run / "seed-0" / ckpt.PRETRAIN)
     con = run / "seed-0" / ckpt.CONTRAST["individual"]
-    for args in (["finetune", *FT, "--domain", "music", "--epochs", "1"], ["evaluate", "--device", "cpu"],
-                 ["contrast", *CON, "--epochs", "1", "--resume"]):
-        line = one_line_error(run_cli(*args, "--data", tiny_data, "--run", run), "made from another pretrain checkpoint")
+    for args in (
+        ["finetune", *FT, "--domain", "music", "--epochs", "1"],
+        ["evaluate", "--device", "cpu"],
+        ["contrast", *CON, "--epochs", "1", "--resume"],
+    ):
+        line = one_line_error(
+            run_cli(*args, "--data", tiny_data, "--run", run), "made from another pretrain checkpoint"
+        )
         assert ckpt.CONTRAST["individual"] in line or ckpt.resume_name(ckpt.CONTRAST["individual"]) in line
     assert con.is_file()
     # resuming pretrain with another --dim than its resume state
     shutil.copytree(base_run, tmp_path / "run2")
-    r = run_cli("pretrain", *PRE, "--dim", "32", "--epochs", "2", "--resume", "--data", tiny_data, "--run", tmp_path / "run2")
+    r = run_cli(
+        "pretrain", *PRE, "--dim", "32", "--epochs", "2", "--resume", "--data", tiny_data, "--run", tmp_path / "run2"
+    )
     one_line_error(r, "other config (dim differ)", ckpt.resume_name(ckpt.PRETRAIN))
 
 
@@ -310,7 +332,23 @@ def test_resume_after_nan_with_lower_lr(tiny_data, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- 1. Ctrl-C and SIGKILL
 
 
-SIGINT_ARGS = ["pretrain", "--dim", "16", "--batch-size", "32", "--lr", "0.005", "--epochs", "24", "--patience", "100", "--device", "cpu", "--save-every", "0"]
+SIGINT_ARGS = [
+    "pretrain",
+    "--dim",
+    "16",
+    "--batch-size",
+    "32",
+    "--lr",
+    "0.005",
+    "--epochs",
+    "24",
+    "--patience",
+    "100",
+    "--device",
+    "cpu",
+    "--save-every",
+    "0",
+]
 
 
 def test_ctrl_c_exits_130_and_resume_matches_uninterrupted(tiny_data, tmp_path):
@@ -337,8 +375,10 @@ def test_ctrl_c_exits_130_and_resume_matches_uninterrupted(tiny_data, tmp_path):
     assert p.wait(timeout=300) == 0, p.stderr.read()
     for name in (ckpt.PRETRAIN, ckpt.resume_name(ckpt.PRETRAIN)):
         assert same_tensors(tmp_path / "ref" / "seed-0" / name, tmp_path / "cut" / "seed-0" / name)
-    assert ckpt.read_header(tmp_path / "ref" / "seed-0" / ckpt.PRETRAIN)["epoch"] == ckpt.read_header(
-        tmp_path / "cut" / "seed-0" / ckpt.PRETRAIN)["epoch"]
+    assert (
+        ckpt.read_header(tmp_path / "ref" / "seed-0" / ckpt.PRETRAIN)["epoch"]
+        == ckpt.read_header(tmp_path / "cut" / "seed-0" / ckpt.PRETRAIN)["epoch"]
+    )
     assert no_temporaries(tmp_path / "cut")
 
 
@@ -421,7 +461,7 @@ def test_prepare_killed_at_any_moment_leaves_complete_or_absent(tmp_path):
 
 
 def test_prepare_restores_previous_folder_after_kill_between_renames(tmp_path, tiny_data, monkeypatch):
-    """A kill between `out -> .out.old-PID` and `.out.tmp-PID -> out`: the next prepare puts the old folder back first."""
+    """A kill between `out -> .out.old-PID` and `.out.tmp-PID -> out`: the next prepare restores the old folder."""
     out = tmp_path / "tiny"
     dead = _dead_pid()
     shutil.copytree(tiny_data, tmp_path / f".tiny.old-{dead}")
@@ -437,13 +477,18 @@ def test_prepare_restores_previous_folder_after_kill_between_renames(tmp_path, t
 # --------------------------------------------------------------------------- 1. one writer per run folder
 
 
-HOLDER = "import sys, time; from uclr_cli.lock import RunLock; RunLock(sys.argv[1], 'holder cmd').acquire(); print('held', flush=True); time.sleep(120)"
+HOLDER = (
+    "import sys, time; from uclr_cli.lock import RunLock; "
+    "RunLock(sys.argv[1], 'holder cmd').acquire(); print('held', flush=True); time.sleep(120)"
+)
 
 
 @pytest.fixture
 def held_lock(tmp_path):
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert p.stdout.readline().strip() == b"held"
     yield run, p
     p.kill()
@@ -452,8 +497,11 @@ def held_lock(tmp_path):
 
 def test_second_writer_refused_while_lock_held(tiny_data, held_lock, tmp_path):
     run, holder = held_lock
-    for args in (["pretrain", *PRE, "--epochs", "1"], ["contrast", *CON, "--epochs", "1"],
-                 ["finetune", *FT, "--epochs", "1"]):
+    for args in (
+        ["pretrain", *PRE, "--epochs", "1"],
+        ["contrast", *CON, "--epochs", "1"],
+        ["finetune", *FT, "--epochs", "1"],
+    ):
         r = run_cli(*args, "--data", tiny_data, "--run", run)
         one_line_error(r, f"run folder is in use by process {holder.pid} (holder cmd)", LOCK_NAME)
     conf = tmp_path / "a.toml"
@@ -473,10 +521,30 @@ def test_second_writer_refused_while_lock_held(tiny_data, held_lock, tmp_path):
 def test_two_training_commands_at_once(tiny_data, base_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
-    p = uclr("pretrain", "--dim", "16", "--batch-size", "32", "--epochs", "500", "--patience", "500", "--device", "cpu", "--save-every", "0",
-             "--data", tiny_data, "--run", run, cwd=tmp_path)
+    p = uclr(
+        "pretrain",
+        "--dim",
+        "16",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "500",
+        "--patience",
+        "500",
+        "--device",
+        "cpu",
+        "--save-every",
+        "0",
+        "--data",
+        tiny_data,
+        "--run",
+        run,
+        cwd=tmp_path,
+    )
     try:
-        wait_for(lambda: (run / LOCK_NAME).exists() and state_epoch(run / "seed-0" / ckpt.resume_name(ckpt.PRETRAIN)) >= 3)
+        wait_for(
+            lambda: (run / LOCK_NAME).exists() and state_epoch(run / "seed-0" / ckpt.resume_name(ckpt.PRETRAIN)) >= 3
+        )
         r = run_cli("contrast", *CON, "--epochs", "1", "--data", tiny_data, "--run", run)
         one_line_error(r, f"run folder is in use by process {p.pid} (uclr pretrain)")
     finally:
@@ -495,7 +563,9 @@ def _dead_pid() -> int:
 @pytest.mark.parametrize(
     "content",
     [
-        lambda: json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "command": "uclr pretrain", "started": "x"}),
+        lambda: json.dumps(
+            {"pid": _dead_pid(), "host": socket.gethostname(), "command": "uclr pretrain", "started": "x"}
+        ),
         lambda: '{"pid": 12',  # half-written by a killed process
         lambda: "",
     ],
@@ -531,11 +601,65 @@ def test_lock_of_another_host_or_live_pid_is_respected(tiny_data, tmp_path):
 # --------------------------------------------------------------------------- 2. inputs: fuzzing `prepare files`
 
 
-IDS = ["u1", "u2", "u3", "u4", "1", "01", " u1", "u 1", "../u", "/etc/passwd", "a\\b", "é", "用户", '"q"', "a,b", "a\tb",
-       "a\nb", "", "nan", "-0", "\u0000", "x" * 5000]
+IDS = [
+    "u1",
+    "u2",
+    "u3",
+    "u4",
+    "1",
+    "01",
+    " u1",
+    "u 1",
+    "../u",
+    "/etc/passwd",
+    "a\\b",
+    "é",
+    "用户",
+    '"q"',
+    "a,b",
+    "a\tb",
+    "a\nb",
+    "",
+    "nan",
+    "-0",
+    "\u0000",
+    "x" * 5000,
+]
 RATINGS = ["5", "4.5", "1", "0", "-1", "nan", "NaN", "inf", "-inf", "", "abc", "1e400", " 3 ", "1,5"]
-TIMES = ["1", "1700000000", "-5", "1.5", "2.0", "1e3", "", "2024-01-02", "2024-01-02T03:04:05Z", "abc", "99999999999999999999"]
-NAMES = ["a", "b", "c", "d", "e", "Books", "a b", ".", "%2e%2e", "..a", "日本", "x.y", "-", "_", "a\nb", "CON", "con", "ü", "a;b"]
+TIMES = [
+    "1",
+    "1700000000",
+    "-5",
+    "1.5",
+    "2.0",
+    "1e3",
+    "",
+    "2024-01-02",
+    "2024-01-02T03:04:05Z",
+    "abc",
+    "99999999999999999999",
+]
+NAMES = [
+    "a",
+    "b",
+    "c",
+    "d",
+    "e",
+    "Books",
+    "a b",
+    ".",
+    "%2e%2e",
+    "..a",
+    "日本",
+    "x.y",
+    "-",
+    "_",
+    "a\nb",
+    "CON",
+    "con",
+    "ü",
+    "a;b",
+]
 
 
 @st.composite
@@ -549,9 +673,15 @@ def raw_folders(draw):
         name = draw(st.sampled_from(NAMES)) + (".csv" if sep == "," else draw(st.sampled_from([".tsv", ".TSV"])))
         header = ["user", "item", "rating", "timestamp"]
         if draw(st.booleans()):
-            header = draw(st.permutations(header + draw(st.lists(st.sampled_from(["x", "", "User", "note", "item"]), max_size=2))))
+            header = draw(
+                st.permutations(header + draw(st.lists(st.sampled_from(["x", "", "User", "note", "item"]), max_size=2)))
+            )
         items = draw(st.lists(ids, min_size=4, max_size=4, unique=True))
-        rows = [{"user": u, "item": i, "rating": "4", "timestamp": str(10 * k + j)} for k, u in enumerate(users) for j, i in enumerate(items)]
+        rows = [
+            {"user": u, "item": i, "rating": "4", "timestamp": str(10 * k + j)}
+            for k, u in enumerate(users)
+            for j, i in enumerate(items)
+        ]
         for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2, 4]))):  # damage
             row = draw(st.sampled_from(rows)) if draw(st.booleans()) else rows.append({}) or rows[-1]
             col = draw(st.sampled_from(header))
@@ -562,10 +692,15 @@ def raw_folders(draw):
         for rec in [dict(zip(header, header)), *rows]:
             cells = [str(rec.get(c, "")) for c in header]
             if quoting == "all" or (quoting == "minimal" and sep == ","):
-                cells = ['"' + c.replace('"', '""') + '"' if quoting == "all" or any(ch in c for ch in ',"\r\n') else c for c in cells]
+                cells = [
+                    '"' + c.replace('"', '""') + '"' if quoting == "all" or any(ch in c for ch in ',"\r\n') else c
+                    for c in cells
+                ]
             lines.append(sep.join(cells))
         if draw(st.booleans()):
-            lines.insert(draw(st.integers(1, len(lines))), draw(st.sampled_from(["", " ", "garbage", sep * 7, "\x00\x01"])))
+            lines.insert(
+                draw(st.integers(1, len(lines))), draw(st.sampled_from(["", " ", "garbage", sep * 7, "\x00\x01"]))
+            )
         text = draw(st.sampled_from(["\n", "\r\n"])).join(lines) + draw(st.sampled_from(["", "\n"]))
         enc = draw(st.sampled_from(["utf-8", "utf-8", "utf-8", "utf-8-sig", "latin-1", "utf-16"]))
         files[name] = text.encode(enc, errors="replace")
@@ -585,11 +720,15 @@ def test_fuzz_prepare_files_succeeds_or_fails_cleanly(files):
         if r.exit_code == 0:
             ds = load_prepared(out)
             assert ds.domains and all(SAFE.fullmatch(d) for d in ds.domains)
-            assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, *(f"{t}.parquet" for t in ("users", "items", "train", "valid", "test"))])
+            assert sorted(p.name for p in out.iterdir()) == sorted(
+                [MANIFEST, *(f"{t}.parquet" for t in ("users", "items", "train", "valid", "test"))]
+            )
         else:
             assert r.exit_code == 1, r.output
             lines = r.stderr.strip().splitlines()
-            assert lines and lines[-1].startswith("error: ") and all(ln.startswith("warning:") for ln in lines[:-1]), r.stderr
+            assert lines and lines[-1].startswith("error: ") and all(ln.startswith("warning:") for ln in lines[:-1]), (
+                r.stderr
+            )
             assert not out.exists()
         siblings = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
         assert siblings == (["prepared"] if r.exit_code == 0 else []), siblings  # no temporary or partial folder
@@ -625,8 +764,11 @@ def test_file_and_domain_names_stay_inside_output(tmp_path, tiny_data):
     assert load_prepared(tmp_path / "syn").domains == ["x", "abs", "a_b"]
     # finetune-<domain>.safetensors: train on a domain named from a file name; the file stays in seed-0
     run = tmp_path / "run"
-    for args in (["pretrain", *PRE, "--epochs", "1"], ["contrast", *CON, "--epochs", "1"],
-                 ["finetune", *FT, "--domain", "a b", "--epochs", "1"]):
+    for args in (
+        ["pretrain", *PRE, "--epochs", "1"],
+        ["contrast", *CON, "--epochs", "1"],
+        ["finetune", *FT, "--domain", "a b", "--epochs", "1"],
+    ):
         r = run_cli(*args, "--data", out, "--run", run)
         if args[0] == "finetune":  # `--domain` must be a name of the dataset (normalised names only)
             one_line_error(r, "unknown domain 'a b'")
@@ -666,7 +808,10 @@ def test_tampered_manifest_names_refused(tiny_data, tmp_path):
         else:
             mf["name"] = value
         (data / MANIFEST).write_text(json.dumps(mf))
-        for args in (["finetune", *FT, "--epochs", "1", "--run", tmp_path / "r"], ["evaluate", "--run", tmp_path / "r"]):
+        for args in (
+            ["finetune", *FT, "--epochs", "1", "--run", tmp_path / "r"],
+            ["evaluate", "--run", tmp_path / "r"],
+        ):
             one_line_error(run_cli(*args, "--data", data), f"bad {'domain' if key == 'domain' else 'dataset'} name")
     with pytest.raises(CheckpointError):
         ckpt.finetune_name("../x")
@@ -715,7 +860,11 @@ BAD_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("args, toml, needle", BAD_OPTIONS, ids=[" ".join(a[0:3]) + (f" [{t.strip()}]" if t else "") for a, t, _ in BAD_OPTIONS])
+@pytest.mark.parametrize(
+    "args, toml, needle",
+    BAD_OPTIONS,
+    ids=[" ".join(a[0:3]) + (f" [{t.strip()}]" if t else "") for a, t, _ in BAD_OPTIONS],
+)
 def test_bad_config_refused_before_any_work(tiny_data, base_run, tmp_path, args, toml, needle):
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
@@ -732,7 +881,9 @@ def test_bad_config_refused_before_any_work(tiny_data, base_run, tmp_path, args,
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing written, nothing locked
 
 
-@pytest.mark.parametrize("args", [["prepare", "synthetic", "--drop-items", "-0.1"], ["prepare", "synthetic", "--negatives", "0"]])
+@pytest.mark.parametrize(
+    "args", [["prepare", "synthetic", "--drop-items", "-0.1"], ["prepare", "synthetic", "--negatives", "0"]]
+)
 def test_bad_prepare_options_refused(tmp_path, args):
     r = run_cli(*args, "--out", tmp_path / "o")
     one_line_error(r, args[2])
@@ -778,6 +929,7 @@ def test_disk_full_while_saving_checkpoint_keeps_previous(tiny_data, base_run, t
                 Path(filename).write_bytes(b"\0" * 1000)
                 raise _enospc(filename)
             return real(tensors, filename, metadata=metadata)
+
         return save_file
 
     # a fresh run that would overwrite the PGE: the first save fails, the old files stay as they were
@@ -793,7 +945,9 @@ def test_disk_full_while_saving_checkpoint_keeps_previous(tiny_data, base_run, t
     all_complete(tmp_path / "r2")
     assert no_temporaries(tmp_path / "r2") and not (tmp_path / "r2" / LOCK_NAME).exists()
     monkeypatch.setattr(ckpt, "save_file", real)
-    r = run_cli("pretrain", *PRE, "--epochs", "4", "--patience", "10", "--data", tiny_data, "--run", tmp_path / "r2", "--resume")
+    r = run_cli(
+        "pretrain", *PRE, "--epochs", "4", "--patience", "10", "--data", tiny_data, "--run", tmp_path / "r2", "--resume"
+    )
     assert r.exit_code == 0, r.output
     assert ckpt.read_header(tmp_path / "r2" / "seed-0" / ckpt.resume_name(ckpt.PRETRAIN))["epoch"] == 4
 

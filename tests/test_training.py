@@ -112,7 +112,9 @@ def test_same_seed_bit_identical_other_seed_differs(data, tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-@pytest.mark.parametrize("optimizer,save_every", [("adam", 0), ("rowwise-adam", 0), ("rowwise-rmsprop", 0), ("rowwise-rmsprop", 30)])
+@pytest.mark.parametrize(
+    "optimizer,save_every", [("adam", 0), ("rowwise-adam", 0), ("rowwise-rmsprop", 0), ("rowwise-rmsprop", 30)]
+)
 def test_pretrain_continued_with_more_epochs_equals_one_run(data, tmp_path, optimizer, save_every):
     """2 epochs, then --resume with 4, gives the 4-epoch run bit for bit (optimizer state is saved).
 
@@ -152,10 +154,35 @@ def test_checkpoint_mismatch_refused(data, trained, tmp_path):
 
 def _uclr(*args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "uclr_cli", *map(str, args)], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "uclr_cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
-@pytest.mark.parametrize("stage_args", [["pretrain", "--dim", "16", "--batch-size", "32", "--lr", "0.005", "--epochs", "14", "--patience", "20", "--save-every", "0"]])
+@pytest.mark.parametrize(
+    "stage_args",
+    [
+        [
+            "pretrain",
+            "--dim",
+            "16",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.005",
+            "--epochs",
+            "14",
+            "--patience",
+            "20",
+            "--save-every",
+            "0",
+        ]
+    ],
+)
 def test_resume_after_sigkill_matches_uninterrupted(tiny_data, tmp_path, stage_args):
     common = [*stage_args, "--data", tiny_data, "--device", "cpu"]
     ref = _uclr(*common, "--run", tmp_path / "ref", cwd=tmp_path)
@@ -176,7 +203,10 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_data, tmp_path, stage_a
     a = load_file(str(tmp_path / "ref" / "seed-0" / ckpt.PRETRAIN))
     b = load_file(str(tmp_path / "cut" / "seed-0" / ckpt.PRETRAIN))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert ckpt.read_header(tmp_path / "ref" / "seed-0" / ckpt.PRETRAIN)["epoch"] == ckpt.read_header(tmp_path / "cut" / "seed-0" / ckpt.PRETRAIN)["epoch"]
+    assert (
+        ckpt.read_header(tmp_path / "ref" / "seed-0" / ckpt.PRETRAIN)["epoch"]
+        == ckpt.read_header(tmp_path / "cut" / "seed-0" / ckpt.PRETRAIN)["epoch"]
+    )
     assert not list((tmp_path / "cut" / "seed-0").glob(".*tmp*"))
 
 
@@ -206,15 +236,59 @@ def test_cli_chain_config_and_summary(tiny_data, tmp_path):
     conf = tmp_path / "pre.toml"
     conf.write_text("dim = 16\nepochs = 2\nbatch-size = 256\nlr = 0.01\n")
     run = tmp_path / "run"
-    r = run_cli("pretrain", "--data", tiny_data, "--run", run, "--config", conf, "--epochs", "1", "--seeds", "0,1", "--device", "cpu")
+    r = run_cli(
+        "pretrain",
+        "--data",
+        tiny_data,
+        "--run",
+        run,
+        "--config",
+        conf,
+        "--epochs",
+        "1",
+        "--seeds",
+        "0,1",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     resolved = json.loads((run / "config.json").read_text())
     assert resolved["pretrain"]["epochs"] == 1 and resolved["pretrain"]["dim"] == 16  # flag wins, file fills in
     assert "best validation NDCG@10" in r.stdout and (run / "seed-1" / ckpt.PRETRAIN).is_file()
-    r = run_cli("contrast", "--data", tiny_data, "--run", run, "--seed", "1", "--epochs", "1", "--batch-size", "64", "--device", "cpu")
+    r = run_cli(
+        "contrast",
+        "--data",
+        tiny_data,
+        "--run",
+        run,
+        "--seed",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     assert "mean τ by train interactions" in r.stdout
-    r = run_cli("finetune", "--data", tiny_data, "--run", run, "--seed", "1", "--domain", "music", "--epochs", "1", "--rank", "2", "--device", "cpu")
+    r = run_cli(
+        "finetune",
+        "--data",
+        tiny_data,
+        "--run",
+        run,
+        "--seed",
+        "1",
+        "--domain",
+        "music",
+        "--epochs",
+        "1",
+        "--rank",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     assert (run / "seed-1" / ckpt.finetune_name("music")).is_file()
 
@@ -271,10 +345,14 @@ def test_resume_state_written_at_most_every_save_every_seconds(data, tmp_path, m
         real(path, t, meta)
 
     monkeypatch.setattr(ckpt, "save", recording_save)
-    res = pretrain.run_seed(PretrainConfig(**{**FAST_PRE, "epochs": 5, "patience": 10, "save_every": 3600}), data, tmp_path / "a", 0)
+    res = pretrain.run_seed(
+        PretrainConfig(**{**FAST_PRE, "epochs": 5, "patience": 10, "save_every": 3600}), data, tmp_path / "a", 0
+    )
     assert saved == [(ckpt.PRETRAIN, res.best_epoch), (ckpt.resume_name(ckpt.PRETRAIN), 5)]
     saved.clear()
-    ref = pretrain.run_seed(PretrainConfig(**{**FAST_PRE, "epochs": 5, "patience": 10, "save_every": 0}), data, tmp_path / "b", 0)
+    ref = pretrain.run_seed(
+        PretrainConfig(**{**FAST_PRE, "epochs": 5, "patience": 10, "save_every": 0}), data, tmp_path / "b", 0
+    )
     assert [e for name, e in saved if name != ckpt.PRETRAIN] == [1, 2, 3, 4, 5]
     a, b = load_file(str(res.path)), load_file(str(ref.path))
     assert all(torch.equal(a[k], b[k]) for k in a) and ref.best_epoch == res.best_epoch

@@ -26,7 +26,11 @@ from uclr_cli.files import atomic_write
 FORMAT_VERSION = "1"
 PRETRAIN = "pretrain.safetensors"
 #: contrast checkpoints by temperature mode; `individual` is the UCLR path.
-CONTRAST = {"individual": "contrast.safetensors", "global": "contrast-global.safetensors", "none": "contrast-none.safetensors"}
+CONTRAST = {
+    "individual": "contrast.safetensors",
+    "global": "contrast-global.safetensors",
+    "none": "contrast-none.safetensors",
+}
 CONFIG = "config.json"
 
 
@@ -40,8 +44,6 @@ def finetune_name(domain: str) -> str:
     if not isinstance(domain, str) or not _SAFE_NAME.fullmatch(domain):
         raise CheckpointError(f"unsafe domain name {domain!r} for a checkpoint file name", "--domain")
     return f"finetune-{domain}.safetensors"
-
-
 
 
 def content_digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
@@ -148,7 +150,9 @@ def load(
             diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
             raise CheckpointError(f"checkpoint was made with other {key} ({', '.join(diff[:4])} differ)", path)
         if key.endswith("_sha256"):
-            raise CheckpointError(f"checkpoint was made from another {key[: -len('_sha256')]} checkpoint ({key} differs)", path)
+            raise CheckpointError(
+                f"checkpoint was made from another {key[: -len('_sha256')]} checkpoint ({key} differs)", path
+            )
         raise CheckpointError(f"checkpoint has {key}={got!r}, expected {want!r}", path)
     try:
         tensors = load_file(str(path))

@@ -19,7 +19,9 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None], what: str = "file", error: type[UclrError] = UclrError) -> None:
+def atomic_write(
+    path: str | Path, write: Callable[[Path], None], what: str = "file", error: type[UclrError] = UclrError
+) -> None:
     """Call ``write(tmp)``, fsync ``tmp``, rename it to ``path``; on any failure remove ``tmp``, keep the old file.
 
     An ``OSError`` becomes ``error("cannot write <what>: <reason>", path)``.

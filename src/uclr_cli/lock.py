@@ -76,7 +76,7 @@ class RunLock:
         self._payload: dict = {}
 
     # -- acquire / release -------------------------------------------------------------
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 
@@ -106,7 +106,11 @@ class RunLock:
         self.held = False
         with contextlib.suppress(OSError):
             holder = self._read()
-            if holder is not None and holder.get("pid") == os.getpid() and holder.get("started") == self._payload["started"]:
+            if (
+                holder is not None
+                and holder.get("pid") == os.getpid()
+                and holder.get("started") == self._payload["started"]
+            ):
                 self.path.unlink()
 
     # -- helpers -----------------------------------------------------------------------
@@ -162,7 +166,10 @@ class RunLock:
     def _in_use(self, holder: dict) -> str:
         pid, cmd, host = holder.get("pid", "?"), holder.get("command", "?"), holder.get("host")
         on = "" if host == socket.gethostname() else f" on host {host}"
-        return f"run folder is in use by process {pid}{on} ({cmd}); wait for it, or delete the lock file if that process is gone"
+        return (
+            f"run folder is in use by process {pid}{on} ({cmd}); "
+            "wait for it, or delete the lock file if that process is gone"
+        )
 
     def _clean_temporaries(self) -> None:
         """Remove ``.NAME.tmp-PID`` files of writers that no longer run (we hold the folder now)."""
@@ -177,5 +184,3 @@ class RunLock:
                 if m and p.is_file() and int(m.group(1)) != me and not pid_alive(int(m.group(1))):
                     with contextlib.suppress(OSError):
                         p.unlink()
-
-

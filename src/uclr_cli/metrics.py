@@ -84,9 +84,7 @@ def summarize(ranks: Tensor, ks: Sequence[int]) -> dict[tuple[str, int], float]:
     return {key: float(v.mean()) for key, v in per_row.items()}
 
 
-def _check_candidates(
-    user_vecs: Tensor, item_vecs: Tensor, users: Tensor, pos: Tensor, negs: Tensor
-) -> None:
+def _check_candidates(user_vecs: Tensor, item_vecs: Tensor, users: Tensor, pos: Tensor, negs: Tensor) -> None:
     if user_vecs.dim() != 2 or item_vecs.dim() != 2 or user_vecs.shape[1] != item_vecs.shape[1]:
         raise ValueError(
             f"expected user_vecs (U, m) and item_vecs (I, m); got {tuple(user_vecs.shape)} and {tuple(item_vecs.shape)}"

@@ -97,7 +97,9 @@ class BPRRowAdam:
         width = (2 if self.b1 else 1) * emb.shape[1]
         self.state = torch.zeros(emb.shape[0], width, dtype=emb.dtype, device=emb.device)
         if self.b1:  # per column: (1 - b1) for m, (1 - b2) for v
-            self.keep = torch.cat([emb.new_full((emb.shape[1],), 1 - self.b1), emb.new_full((emb.shape[1],), 1 - self.b2)])
+            self.keep = torch.cat(
+                [emb.new_full((emb.shape[1],), 1 - self.b1), emb.new_full((emb.shape[1],), 1 - self.b2)]
+            )
         else:
             self.last = torch.zeros(emb.shape[0], dtype=torch.int64, device=emb.device)
         self.t = 0

@@ -8,7 +8,12 @@ from rich.table import Table
 def prepare_table(manifest: dict) -> list[Table]:
     """Per-domain counts and the activity histogram (users by train interactions)."""
     stats = manifest["stats"]
-    t = Table(title=f"prepared '{manifest['name']}': {manifest['n_users']:,} users in every domain, {manifest['n_items']:,} items")
+    t = Table(
+        title=(
+            f"prepared '{manifest['name']}': {manifest['n_users']:,} users in every domain, "
+            f"{manifest['n_items']:,} items"
+        )
+    )
     for col in ("domain", "users", "items", "train", "valid", "test", "per user min/median/max"):
         t.add_column(col, justify="left" if col == "domain" else "right")
     for s in stats:
@@ -126,7 +131,9 @@ def eval_tables(report, by_activity: bool = False, models: list[str] | None = No
             first = f"{d} ({n_users:,})" if j == 0 else ""
             # a rule between the blocks of Table 2: floors | single-domain baselines | ours
             end = j + 1 < len(present) and _block(present[j + 1]) != _block(m)
-            t.add_row(first, m, *seeds_cell(d, m, "all"), *_eval_metric_cells(cells, best, d, m, "all", cols), end_section=end)
+            t.add_row(
+                first, m, *seeds_cell(d, m, "all"), *_eval_metric_cells(cells, best, d, m, "all", cols), end_section=end
+            )
     tables = [t]
     if by_activity:
         a = Table(
@@ -142,7 +149,7 @@ def eval_tables(report, by_activity: bool = False, models: list[str] | None = No
             a.add_column(f"{_METRIC_LABEL[metric]}@{k}", justify="right")
         first_group = True
         for d in domains:
-            for j, b in enumerate(report.buckets):
+            for b in report.buckets:
                 present = [m for m in models if (d, m, b, cols[0][0], cols[0][1]) in cells]
                 if not present:
                     continue

@@ -24,7 +24,11 @@ def ablate(
     seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds (default 0,1,2,3,4)."),
     domains: str | None = typer.Option(None, "--domains", help="Domains to finetune and report (default all)."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda."),
-    config: Path | None = typer.Option(None, "--config", help="TOML with top-level seeds/domains/device and [pretrain], [contrast], [finetune] tables of stage options."),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="TOML with top-level seeds/domains/device and [pretrain], [contrast], [finetune] tables of stage options.",
+    ),
     k: str = typer.Option("10", "--k", help="Cut-offs of the final table, e.g. 10,20."),
 ) -> None:
     """Train PGE, PGE+AE, PGE+CL-AE, PGE+UCL-AE and UCLR per seed, skip what exists, print Table 4."""
@@ -34,7 +38,10 @@ def ablate(
         raise ConfigError(f"unknown key: {sorted(unknown)[0]}", config)
     for key in TOP & set(file):
         _check_top(key, file[key], config)
-    top = {**{k_: v for k_, v in file.items() if k_ in TOP}, **common.drop_none(dict(data=data, run=run, device=device))}
+    top = {
+        **{k_: v for k_, v in file.items() if k_ in TOP},
+        **common.drop_none(dict(data=data, run=run, device=device)),
+    }
     seed_list = common.csv_list(seeds, "--seeds", int) or top.get("seeds") or [0, 1, 2, 3, 4]
     cfgs = {}
     for name, model in SECTIONS.items():
@@ -42,11 +49,15 @@ def ablate(
         values["seeds"] = seed_list
         if "device" in top:
             values["device"] = top["device"]
-        cfgs[name] = cfgmod.build(model, values, lambda key, n=name: f"{config}, [{n}] key '{key}'" if config else f"--{key}")
+        cfgs[name] = cfgmod.build(
+            model, values, lambda key, n=name: f"{config}, [{n}] key '{key}'" if config else f"--{key}"
+        )
     if cfgs["finetune"].rank > cfgs["pretrain"].dim:
         section, key = ("finetune", "rank") if "rank" in (file.get("finetune") or {}) else ("pretrain", "dim")
         where = f"{config}, [{section}] key '{key}'"
-        raise ConfigError(f"rank {cfgs['finetune'].rank} exceeds the pretrain dim {cfgs['pretrain'].dim}: rank must be <= dim", where)
+        raise ConfigError(
+            f"rank {cfgs['finetune'].rank} exceeds the pretrain dim {cfgs['pretrain'].dim}: rank must be <= dim", where
+        )
     ds = load_prepared(Path(top["data"]) if "data" in top else training.default_data_dir())
     run_dir = Path(top["run"]) if "run" in top else Path("runs") / ds.name
     wanted = common.csv_list(domains, "--domains") or top.get("domains") or ds.domains
@@ -62,14 +73,28 @@ def ablate(
         common.info(f"[{ev.index}/{ev.total}] {what}{' (done, skipped)' if ev.skipped else ''}{eta}")
 
     with training.Reporter("ablate") as rep:
-        stage.run(ds, run_dir, seed_list, domain_list, cfgs["pretrain"], cfgs["contrast"], cfgs["finetune"], on_step=on_step, progress=rep)
+        stage.run(
+            ds,
+            run_dir,
+            seed_list,
+            domain_list,
+            cfgs["pretrain"],
+            cfgs["contrast"],
+            cfgs["finetune"],
+            on_step=on_step,
+            progress=rep,
+        )
     show_ablation(ds, run_dir, common.csv_list(k, "--k", int), device or top.get("device", "auto"))
 
 
 def _check_top(key: str, value, config: Path | None) -> None:
     """Top-level keys of the ablate TOML: right type, else an error naming the key."""
     if key == "seeds":
-        ok = isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        ok = (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        )
         what = "a non-empty list of integers >= 0"
     elif key == "domains":
         ok = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
@@ -88,7 +113,6 @@ def show_ablation(ds, run_dir: Path, ks: list[int], device: str) -> None:
     """The Table 4 layout: rows domain x variant (floors first), test metrics mean ± std over seeds."""
     from uclr_cli import report
     from uclr_cli.stages import evaluate
-
     from uclr_cli.stages.variants import VARIANTS
 
     result = evaluate.run(ds, run_dir, split="test", ks=ks, device=device, variants=list(VARIANTS))

@@ -26,7 +26,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors (and requested results)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail; show tracebacks on errors."),
 ) -> None:

@@ -8,7 +8,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-
 import typer
 from rich.console import Console
 from typer.core import TyperGroup

@@ -14,17 +14,27 @@ from uclr_cli.stages import evaluate as stage
 
 
 def evaluate(
-    run: Path | None = typer.Option(None, "--run", help="Run folder with seed-* folders (default: runs/<dataset name>)."),
-    data: Path | None = typer.Option(None, "--data", help="Prepared folder (default: the only one under data/, or uclr.toml's)."),
+    run: Path | None = typer.Option(
+        None, "--run", help="Run folder with seed-* folders (default: runs/<dataset name>)."
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="Prepared folder (default: the only one under data/, or uclr.toml's)."
+    ),
     split: str = typer.Option("test", "--split", help="test | valid (select models on valid; read test once)."),
     k: str = typer.Option("10,20", "--k", help="Comma-separated cut-offs K."),
-    by_activity: bool = typer.Option(False, "--by-activity", help="Add a table per activity bucket (users by train interactions)."),
+    by_activity: bool = typer.Option(
+        False, "--by-activity", help="Add a table per activity bucket (users by train interactions)."
+    ),
     buckets: str = typer.Option(
-        ",".join(str(b) for b in DEFAULT_BUCKETS), "--buckets", help="Lower edges of the activity buckets, starting at 0."
+        ",".join(str(b) for b in DEFAULT_BUCKETS),
+        "--buckets",
+        help="Lower edges of the activity buckets, starting at 0.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout (and nothing else there)."),
     out: Path | None = typer.Option(None, "--out", help="Write per-seed, per-bucket rows to this parquet file."),
-    plot: Path | None = typer.Option(None, "--plot", help="Save a PNG of NDCG@(first K) by activity bucket (needs matplotlib)."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Save a PNG of NDCG@(first K) by activity bucket (needs matplotlib)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
 ) -> None:
     """Score Random, Pop and every trained variant on the same candidates; mean ± std over seeds."""

@@ -18,19 +18,29 @@ def prepare(
     raw: Path | None = typer.Argument(None, help="Folder with the raw files (not for synthetic)."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: data/<source>)."),
     domains: str | None = typer.Option(None, "--domains", help="Comma-separated domains to keep (default: all)."),
-    min_rating: float | None = typer.Option(None, "--min-rating", help="Keep ratings >= R (default: every rating counts)."),
-    drop_items: float = typer.Option(0.0, "--drop-items", help="Share of each domain's items removed at random (paper's Amazon: 0.7)."),
+    min_rating: float | None = typer.Option(
+        None, "--min-rating", help="Keep ratings >= R (default: every rating counts)."
+    ),
+    drop_items: float = typer.Option(
+        0.0, "--drop-items", help="Share of each domain's items removed at random (paper's Amazon: 0.7)."
+    ),
     negatives: int = typer.Option(99, "--negatives", help="Negative candidates per valid/test row."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split candidates (and the generator)."),
-    amazon_layout: str = typer.Option("auto", "--amazon-layout", help="Amazon CSV column order: auto | user-item | item-user."),
+    amazon_layout: str = typer.Option(
+        "auto", "--amazon-layout", help="Amazon CSV column order: auto | user-item | item-user."
+    ),
     user_col: str = typer.Option("user", "--user-col", help="files: user column name."),
     item_col: str = typer.Option("item", "--item-col", help="files: item column name."),
     rating_col: str = typer.Option("rating", "--rating-col", help="files: rating column name."),
     time_col: str = typer.Option("timestamp", "--time-col", help="files: timestamp column name."),
-    preset: str = typer.Option("default", "--preset", help="synthetic: default | tiny | amazon (the paper's Amazon shape)."),
+    preset: str = typer.Option(
+        "default", "--preset", help="synthetic: default | tiny | amazon (the paper's Amazon shape)."
+    ),
     users: int | None = typer.Option(None, "--users", help="synthetic: number of users."),
     items: str | None = typer.Option(None, "--items", help="synthetic: items per domain, comma-separated."),
-    interactions: str | None = typer.Option(None, "--interactions", help="synthetic: interactions per domain, comma-separated."),
+    interactions: str | None = typer.Option(
+        None, "--interactions", help="synthetic: interactions per domain, comma-separated."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
 ) -> None:
     """Turn raw logs into reproducible leave-one-out splits with fixed candidates."""

@@ -14,9 +14,15 @@ from uclr_cli.stages import evaluate as stage
 
 
 def stats(
-    data: Path | None = typer.Option(None, "--data", help="Prepared folder (default: the only one under data/, or uclr.toml's)."),
-    plot: Path | None = typer.Option(None, "--plot", help="Save per-domain log-log histograms of interactions per user (PNG; needs matplotlib)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout (and nothing else there)."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Prepared folder (default: the only one under data/, or uclr.toml's)."
+    ),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Save per-domain log-log histograms of interactions per user (PNG; needs matplotlib)."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the statistics as JSON on stdout (and nothing else there)."
+    ),
 ) -> None:
     """Show the prepared data's statistics (users, items, splits, activity buckets)."""
     if plot is not None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -80,7 +81,9 @@ def check_rank(rank: int, run_dir: Path, seeds: list[int], where: str) -> None:
             continue  # the stage reports the missing checkpoint
         dim = ckpt.read_header(path).get("dim")
         if isinstance(dim, int) and rank > dim:
-            raise ConfigError(f"rank {rank} exceeds the embedding dimension {dim} of {path}: rank must be <= dim", where)
+            raise ConfigError(
+                f"rank {rank} exceeds the embedding dimension {dim} of {path}: rank must be <= dim", where
+            )
 
 
 def write_config(run_dir: Path, stage: str, cfg: cfgmod.StageConfig, data) -> None:
@@ -110,7 +113,7 @@ class Reporter:
         self.progress: Progress | None = None
         self.task = None
 
-    def __enter__(self) -> "Reporter":
+    def __enter__(self) -> Reporter:
         if self.tty and not self.quiet:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -133,7 +136,10 @@ class Reporter:
             return
         ndcg = "-" if ev.valid_ndcg is None or math.isnan(ev.valid_ndcg) else f"{ev.valid_ndcg:.4f}"
         extra = "".join(f" {k}={v}" for k, v in ev.extra.items())
-        info = f"loss={ev.loss:.4f} valid_ndcg@10={ndcg} best={ev.best:.4f}@{ev.best_epoch} {ev.samples_per_s:,.0f}/s{extra}"
+        info = (
+            f"loss={ev.loss:.4f} valid_ndcg@10={ndcg} best={ev.best:.4f}@{ev.best_epoch} "
+            f"{ev.samples_per_s:,.0f}/s{extra}"
+        )
         if self.progress is not None:
             desc = f"{ev.stage} seed {ev.seed}"
             if self.task is None or self.progress.tasks[self.task].description != desc:
@@ -148,12 +154,19 @@ def summary_table(stage: str, results: list[SeedResult], domains: list[str]) -> 
     for col in ("seed", "best epoch", "epochs run", *domains, "mean", "seconds"):
         t.add_column(col, justify="right")
     for r in results:
-        cells = [f"{100 * r.per_domain[d]:.2f}" if d in r.per_domain and not math.isnan(r.per_domain[d]) else "-" for d in domains]
-        t.add_row(str(r.seed), str(r.best_epoch), str(r.epochs_run), *cells, f"{100 * r.best_score:.2f}", f"{r.seconds:.1f}")
+        cells = [
+            f"{100 * r.per_domain[d]:.2f}" if d in r.per_domain and not math.isnan(r.per_domain[d]) else "-"
+            for d in domains
+        ]
+        t.add_row(
+            str(r.seed), str(r.best_epoch), str(r.epochs_run), *cells, f"{100 * r.best_score:.2f}", f"{r.seconds:.1f}"
+        )
     return t
 
 
-def run_seeds(stage: str, seeds: list[int], fn: Callable[[int, Reporter], SeedResult | list[SeedResult]]) -> list[SeedResult]:
+def run_seeds(
+    stage: str, seeds: list[int], fn: Callable[[int, Reporter], SeedResult | list[SeedResult]]
+) -> list[SeedResult]:
     results: list[SeedResult] = []
     with Reporter(stage) as rep:
         for s in seeds:
@@ -177,7 +190,16 @@ def merge_domains(results: list[SeedResult]) -> list[SeedResult]:
     for r in results:
         m = merged.get(r.seed)
         if m is None:
-            merged[r.seed] = SeedResult(r.stage.split()[0], r.seed, r.path, r.best_epoch, r.best_score, r.epochs_run, r.seconds, dict(r.per_domain))
+            merged[r.seed] = SeedResult(
+                r.stage.split()[0],
+                r.seed,
+                r.path,
+                r.best_epoch,
+                r.best_score,
+                r.epochs_run,
+                r.seconds,
+                dict(r.per_domain),
+            )
             merged[r.seed].extra["best_epochs"] = {r.extra.get("domain"): r.best_epoch}
             continue
         m.per_domain.update(r.per_domain)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from uclr_cli.config import PrepareConfig
 from uclr_cli.data import synthetic
@@ -81,7 +81,12 @@ def run(cfg: PrepareConfig, *, on_warning: Callable[[str], None] | None = None) 
     check_out(out)  # before any work: never replace a folder that is not a prepared one
     raw_domains, generator = read_source(cfg)
     tables = build_tables(
-        raw_domains, min_rating=cfg.min_rating, drop_items=cfg.drop_items, negatives=cfg.negatives, seed=cfg.seed, warn=warn
+        raw_domains,
+        min_rating=cfg.min_rating,
+        drop_items=cfg.drop_items,
+        negatives=cfg.negatives,
+        seed=cfg.seed,
+        warn=warn,
     )
     sources = []
     for rd in raw_domains:

@@ -82,7 +82,9 @@ def check_out(out: Path) -> None:
     except OSError as e:
         raise DataError(f"cannot list output folder: {os_reason(e)}", out) from None
     if not empty and not (out / MANIFEST).is_file():
-        raise DataError("output folder exists and is not a prepared folder; refusing to replace it (pick another --out)", out)
+        raise DataError(
+            "output folder exists and is not a prepared folder; refusing to replace it (pick another --out)", out
+        )
 
 
 def _atomic_dir(out: Path):
@@ -153,7 +155,11 @@ def write_prepared(
             "n_users": tables.users.height,
             "n_items": tables.items.height,
             "domains": [
-                {"name": n, "item_offset": tables.item_offsets[d], "n_items": tables.item_offsets[d + 1] - tables.item_offsets[d]}
+                {
+                    "name": n,
+                    "item_offset": tables.item_offsets[d],
+                    "n_items": tables.item_offsets[d + 1] - tables.item_offsets[d],
+                }
                 for d, n in enumerate(tables.domains)
             ],
             "stats": domain_stats(tables),
@@ -173,8 +179,6 @@ def write_prepared(
     return manifest
 
 
-
-
 def _fsync_dir_files(folder: Path) -> None:
     """Flush every file of ``folder`` to disk before the folder is renamed into place."""
     for p in folder.iterdir():
@@ -190,7 +194,7 @@ class EvalSplit:
     pos: torch.Tensor  # (R,) int64 global item index
     negs: torch.Tensor  # (R, N) int64
 
-    def to(self, device) -> "EvalSplit":
+    def to(self, device) -> EvalSplit:
         return EvalSplit(self.users.to(device), self.pos.to(device), self.negs.to(device))
 
 

@@ -39,9 +39,31 @@ _I64_LIMIT = 9.0e18  # floats beyond this do not round-trip through Int64
 # Files that are obviously not interaction data: skipped when their content is
 # not recognised (they are still read when it is).
 _DOC_SUFFIXES = {
-    ".md", ".txt", ".rst", ".pdf", ".html", ".htm", ".py", ".ipynb", ".sh", ".log",
-    ".yaml", ".yml", ".toml", ".ini", ".cfg", ".png", ".jpg", ".jpeg", ".gif", ".svg",
-    ".doc", ".docx", ".xml", ".sha256", ".md5",
+    ".md",
+    ".txt",
+    ".rst",
+    ".pdf",
+    ".html",
+    ".htm",
+    ".py",
+    ".ipynb",
+    ".sh",
+    ".log",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".ini",
+    ".cfg",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".svg",
+    ".doc",
+    ".docx",
+    ".xml",
+    ".sha256",
+    ".md5",
 }
 _DOC_PREFIXES = ("readme", "license", "licence", "meta_", "changelog", "citation")
 
@@ -101,7 +123,7 @@ def _amazon_domain(filename: str, where) -> str:
         s = s[:-2]
     for pre in ("ratings_", "reviews_"):
         if s.lower().startswith(pre):
-            s = s[len(pre):]
+            s = s[len(pre) :]
             break
     return safe_domain_name(s, where)
 
@@ -236,9 +258,7 @@ def _is_integral(v) -> bool:
 def _int_expr(e: pl.Expr) -> pl.Expr:
     """String -> Int64: integers, or floats with an integral value; null otherwise."""
     f = e.cast(pl.Float64, strict=False)
-    as_float = pl.when(f.is_finite() & (f == f.floor()) & (f.abs() < _I64_LIMIT)).then(
-        f.cast(pl.Int64, strict=False)
-    )
+    as_float = pl.when(f.is_finite() & (f == f.floor()) & (f.abs() < _I64_LIMIT)).then(f.cast(pl.Int64, strict=False))
     return pl.coalesce(e.cast(pl.Int64, strict=False), as_float)
 
 
@@ -358,11 +378,16 @@ def _read_delimited(path: Path, spec: _Delimited) -> pl.DataFrame:
     rating_bad = pl.lit(False) if spec.rating is None else rating.is_null() | ~rating.is_finite()
     ts_bad = pl.lit(False) if spec.ts is None else pl.col("ts").is_null()
     err = (
-        pl.when(pl.col("_blank")).then(None)
-        .when(pl.col("_count")).then(1)
-        .when(user.is_null() | item.is_null()).then(2)
-        .when(rating_bad).then(3)
-        .when(ts_bad).then(4)
+        pl.when(pl.col("_blank"))
+        .then(None)
+        .when(pl.col("_count"))
+        .then(1)
+        .when(user.is_null() | item.is_null())
+        .then(2)
+        .when(rating_bad)
+        .then(3)
+        .when(ts_bad)
+        .then(4)
         .otherwise(None)
         .cast(pl.Int8)
     )
@@ -469,9 +494,12 @@ def _read_jsonl(path: Path, keys: _JsonKeys) -> pl.DataFrame:
     )
     rating = pl.col("rating")
     err = (
-        pl.when(pl.col("user").is_null() | pl.col("item").is_null()).then(1)
-        .when(rating.is_null() | ~rating.is_finite()).then(2)
-        .when(pl.col("ts").is_null()).then(3)
+        pl.when(pl.col("user").is_null() | pl.col("item").is_null())
+        .then(1)
+        .when(rating.is_null() | ~rating.is_finite())
+        .then(2)
+        .when(pl.col("ts").is_null())
+        .then(3)
         .otherwise(None)
         .cast(pl.Int8)
     )
@@ -490,8 +518,11 @@ def _read_jsonl(path: Path, keys: _JsonKeys) -> pl.DataFrame:
         line = int(df.get_column("line")[bad])
         text = _physical_line(path, line)
         msg = _explain_json(text, keys) if text is not None else None
-        fallback = {1: "missing user or item key", 2: f"'{keys.rating}' is not a finite number",
-                    3: f"'{keys.ts}' is not an integer"}[int(df.get_column("_err")[bad])]
+        fallback = {
+            1: "missing user or item key",
+            2: f"'{keys.rating}' is not a finite number",
+            3: f"'{keys.ts}' is not an integer",
+        }[int(df.get_column("_err")[bad])]
         raise DataError(msg or fallback, where=path, line=line)
     if df.height == 0:
         raise DataError("no rows", where=path)
@@ -547,8 +578,9 @@ def _read_amazon_file(path: Path, csv_layout: str) -> RawDomain | None:
         except ValueError:
             if doc:
                 return None
-            raise DataError(_explain_json(first, _JsonKeys("", "", "", "")) or "not valid JSON",
-                            where=path, line=lineno) from None
+            raise DataError(
+                _explain_json(first, _JsonKeys("", "", "", "")) or "not valid JSON", where=path, line=lineno
+            ) from None
         if not isinstance(obj, dict):
             return None
         if "reviewerID" in obj and "asin" in obj:
@@ -574,19 +606,30 @@ def _read_amazon_file(path: Path, csv_layout: str) -> RawDomain | None:
             fmt = "amazon-2018-csv"
         name = _amazon_domain(path.name, path)
         return RawDomain(name, _read_delimited(path, spec), path, {"format": fmt, "layout": layout})
-    if "user_id" in header and ("parent_asin" in header or "asin" in header) and "rating" in header \
-            and "timestamp" in header:
+    if (
+        "user_id" in header
+        and ("parent_asin" in header or "asin" in header)
+        and "rating" in header
+        and "timestamp" in header
+    ):
         item = "parent_asin" if "parent_asin" in header else "asin"
         spec = _Delimited(
-            ",", tuple(header), header.index("user_id"), header.index(item), header.index("rating"),
-            header.index("timestamp"), ts_ms=True, skip_lines=lineno,
+            ",",
+            tuple(header),
+            header.index("user_id"),
+            header.index(item),
+            header.index("rating"),
+            header.index("timestamp"),
+            ts_ms=True,
+            skip_lines=lineno,
         )
         name = _amazon_domain(path.name, path)
         return RawDomain(name, _read_delimited(path, spec), path, {"format": "amazon-2023-csv"})
     if doc:
         return None
-    raise DataError("not a recognised Amazon file (expected a ratings CSV or reviews JSON lines)",
-                    where=path, line=lineno)
+    raise DataError(
+        "not a recognised Amazon file (expected a ratings CSV or reviews JSON lines)", where=path, line=lineno
+    )
 
 
 def read_amazon(raw: Path, *, csv_layout: str = "auto") -> list[RawDomain]:
@@ -602,8 +645,7 @@ def read_amazon(raw: Path, *, csv_layout: str = "auto") -> list[RawDomain]:
     are not UTF-8 are replaced (Amazon ids are ASCII).
     """
     if csv_layout not in _CSV_LAYOUTS:
-        raise DataError(f"bad layout {_short(csv_layout)!r}; use auto, user-item or item-user",
-                        where="--amazon-layout")
+        raise DataError(f"bad layout {_short(csv_layout)!r}; use auto, user-item or item-user", where="--amazon-layout")
     out = []
     for f in _folder(raw):
         if f.is_file():
@@ -638,8 +680,7 @@ def _finish(df: pl.DataFrame, path: Path, labels: dict[str, str]) -> pl.DataFram
         if s.dtype.is_integer() or s.dtype in (pl.Categorical, pl.Enum):
             s = s.cast(pl.String)
         elif s.dtype != pl.String:
-            raise DataError(f"column '{labels[role]}' has type {s.dtype}; expected strings or integers",
-                            where=path)
+            raise DataError(f"column '{labels[role]}' has type {s.dtype}; expected strings or integers", where=path)
         note(s.is_null() | (s == ""), lambda i, r=role: f"empty value in column '{labels[r]}'")
         cols[role] = s
 
@@ -649,13 +690,17 @@ def _finish(df: pl.DataFrame, path: Path, labels: dict[str, str]) -> pl.DataFram
             x = s.str.strip_chars()
             r = x.cast(pl.Float64, strict=False)
             note(x.is_null() | (x == ""), lambda i: f"empty value in column '{labels['rating']}'")
-            note(x.is_not_null() & (x != "") & (r.is_null() | ~r.is_finite()),
-                 lambda i: f"rating is not a finite number: {_short(x[i])!r}")
+            note(
+                x.is_not_null() & (x != "") & (r.is_null() | ~r.is_finite()),
+                lambda i: f"rating is not a finite number: {_short(x[i])!r}",
+            )
         elif s.dtype.is_numeric():
             r = s.cast(pl.Float64, strict=False)
             note(s.is_null(), lambda i: f"empty value in column '{labels['rating']}'")
-            note(s.is_not_null() & (r.is_null() | ~r.is_finite()),
-                 lambda i: f"rating is not a finite number: {_short(s[i])!r}")
+            note(
+                s.is_not_null() & (r.is_null() | ~r.is_finite()),
+                lambda i: f"rating is not a finite number: {_short(s[i])!r}",
+            )
         else:
             raise DataError(f"column '{labels['rating']}' has type {s.dtype}; expected numbers", where=path)
         cols["rating"] = r
@@ -683,11 +728,9 @@ def _finish(df: pl.DataFrame, path: Path, labels: dict[str, str]) -> pl.DataFram
             t = t.cast(pl.Int64)
             shown = s
         else:
-            raise DataError(f"column '{labels['ts']}' has type {s.dtype}; expected integers or dates",
-                            where=path)
+            raise DataError(f"column '{labels['ts']}' has type {s.dtype}; expected integers or dates", where=path)
         note(empty, lambda i: f"empty value in column '{labels['ts']}'")
-        note(~empty & t.is_null(),
-             lambda i: f"timestamp is not an integer or date: {_short(shown[i])!r}")
+        note(~empty & t.is_null(), lambda i: f"timestamp is not an integer or date: {_short(shown[i])!r}")
         cols["ts"] = t
     else:
         cols["ts"] = pl.Series("ts", [None] * df.height, dtype=pl.Int64)
@@ -826,7 +869,8 @@ def read_files(
     time columns are optional (names matched exactly, else case-insensitively).
     Ids are kept as strings exactly as written. CSV uses ``"`` quoting, TSV
     none; hidden files are skipped. ``line`` is the data row + 1 after the
-    header (the physical line unless a quoted field spans lines). Times may be integers, integral floats or ISO dates/datetimes
+    header (the physical line unless a quoted field spans lines). Times may be integers, integral floats
+    or ISO dates/datetimes
     (naive ones taken as UTC) -> seconds. Text must be valid UTF-8: a file
     that is not is refused with the line of the first bad byte (no lossy
     decoding, so ids are never silently changed).
@@ -837,6 +881,7 @@ def read_files(
         suffix = f.suffix.lower()
         if f.name.startswith(".") or not f.is_file() or suffix not in (".csv", ".tsv", ".parquet"):
             continue  # hidden files (e.g. macOS ._x.csv) are never data
+
         def one(f=f, suffix=suffix) -> RawDomain:
             name = safe_domain_name(f.stem, f)
             if suffix == ".parquet":
@@ -844,6 +889,7 @@ def read_files(
             else:
                 frame = _read_table_csv(f, "," if suffix == ".csv" else "\t", names)
             return RawDomain(name, frame, f, {"format": suffix[1:]})
+
         out.append(_guard(f, one))
     if not out:
         raise DataError("no .csv, .tsv or .parquet file", where=raw)
@@ -868,8 +914,7 @@ def _read_douban_reviews(path: Path, domain: str) -> pl.DataFrame:
     def need(name: str) -> int:
         if name in header:
             return header.index(name)
-        raise DataError(f"missing column {name!r}; found: {', '.join(_short(h, 30) for h in header[:20])}",
-                        where=path)
+        raise DataError(f"missing column {name!r}; found: {', '.join(_short(h, 30) for h in header[:20])}", where=path)
 
     u = need("user_id")
     item_name = f"{domain}_id"
@@ -901,8 +946,16 @@ def _read_douban_reviews(path: Path, domain: str) -> pl.DataFrame:
     if t is not None:
         sel.append(field(t).alias("ts"))
     lf = (
-        pl.scan_csv(path, has_header=False, separator="\x1f", quote_char=None, schema={"raw": pl.String},
-                    truncate_ragged_lines=True, skip_lines=1, encoding="utf8-lossy")
+        pl.scan_csv(
+            path,
+            has_header=False,
+            separator="\x1f",
+            quote_char=None,
+            schema={"raw": pl.String},
+            truncate_ragged_lines=True,
+            skip_lines=1,
+            encoding="utf8-lossy",
+        )
         .with_row_index("_row")
         .filter(pl.col("raw").is_not_null() & pl.col("raw").str.contains(r"\S"))
         .select(sel)
@@ -913,8 +966,11 @@ def _read_douban_reviews(path: Path, domain: str) -> pl.DataFrame:
         raise DataError(f"cannot read file: {_first_line(e)}", where=path) from e
     bad = _first_bad(df.get_column("_wrong"))
     if bad is not None:
-        raise DataError(f"expected {H} tab-separated fields as in the header, found {df['_nf'][bad]}",
-                        where=path, line=int(df["line"][bad]))
+        raise DataError(
+            f"expected {H} tab-separated fields as in the header, found {df['_nf'][bad]}",
+            where=path,
+            line=int(df["line"][bad]),
+        )
     if df.height == 0:
         raise DataError("no rows", where=path)
     labels = {"user": "user_id", "item": item_name, "rating": "rating", "ts": header[t] if t is not None else ""}
@@ -934,7 +990,7 @@ def read_douban(raw: Path) -> list[RawDomain]:
     found: list[tuple[str, Path, str]] = []
     for p in entries:
         if p.is_dir() and p.name.lower().startswith("douban_") and (p / "ratings.dat").is_file():
-            found.append((safe_domain_name(p.name[len("douban_"):], p), p / "ratings.dat", "ratings"))
+            found.append((safe_domain_name(p.name[len("douban_") :], p), p / "ratings.dat", "ratings"))
     for d in [Path(raw)] + [p for p in entries if p.is_dir()]:
         try:
             files = sorted(d.iterdir(), key=lambda x: x.name) if d != Path(raw) else entries
@@ -987,8 +1043,7 @@ def select_domains(found: list[RawDomain], wanted: list[str] | None, where) -> l
             if n in names:
                 raise DataError(f"domain '{n}' given twice", where=where)
             if n not in by_name:
-                raise DataError(f"unknown domain '{n}'; available: {', '.join(sorted(by_name)) or 'none'}",
-                                where=where)
+                raise DataError(f"unknown domain '{n}'; available: {', '.join(sorted(by_name)) or 'none'}", where=where)
             names.append(n)
     out = []
     for n in names:

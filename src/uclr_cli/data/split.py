@@ -68,7 +68,9 @@ def _combined(raw: list[RawDomain], min_rating: float | None) -> pl.LazyFrame:
     return lf
 
 
-def _drop_items(lf: pl.LazyFrame, n_domains: int, frac: float, rng: np.random.Generator) -> tuple[pl.LazyFrame, list[int]]:
+def _drop_items(
+    lf: pl.LazyFrame, n_domains: int, frac: float, rng: np.random.Generator
+) -> tuple[pl.LazyFrame, list[int]]:
     """Remove ``frac`` of each domain's items at random (the paper's Amazon setting)."""
     present = lf.select(["domain", "item"]).unique().collect()
     dropped_counts = []
@@ -78,7 +80,11 @@ def _drop_items(lf: pl.LazyFrame, n_domains: int, frac: float, rng: np.random.Ge
         n_drop = int(round(frac * len(items)))
         chosen = items[rng.permutation(len(items))[:n_drop]] if n_drop else items[:0]
         dropped_counts.append(n_drop)
-        drops.append(pl.DataFrame({"domain": pl.Series([d] * n_drop, dtype=pl.Int16), "item": pl.Series(chosen, dtype=pl.String)}))
+        drops.append(
+            pl.DataFrame(
+                {"domain": pl.Series([d] * n_drop, dtype=pl.Int16), "item": pl.Series(chosen, dtype=pl.String)}
+            )
+        )
     gone = pl.concat(drops)
     return lf.join(gone.lazy(), on=["domain", "item"], how="anti"), dropped_counts
 
@@ -173,7 +179,13 @@ def build_tables(
     # The overlapped user set U: users present in every domain. Filtering to it before
     # the sort keeps memory to the overlap (on real data a small share of the raw rows).
     shared = (
-        lf.select(["domain", "user"]).unique().group_by("user").len().filter(pl.col("len") == n_dom).select("user").collect()
+        lf.select(["domain", "user"])
+        .unique()
+        .group_by("user")
+        .len()
+        .filter(pl.col("len") == n_dom)
+        .select("user")
+        .collect()
     )
     if shared.height == 0:
         raise DataError("no user is present in every domain", ", ".join(str(where[n]) for n in names))
@@ -186,8 +198,10 @@ def build_tables(
     )
 
     # Indices: users sorted by id; items grouped by domain (contiguous ranges), sorted by id.
-    users = shared.select(pl.col("user").sort().alias("user_id")).with_row_index("user_idx").with_columns(
-        pl.col("user_idx").cast(pl.Int32)
+    users = (
+        shared.select(pl.col("user").sort().alias("user_id"))
+        .with_row_index("user_idx")
+        .with_columns(pl.col("user_idx").cast(pl.Int32))
     )
     item_parts, offsets = [], [0]
     for d, name in enumerate(names):
@@ -266,7 +280,9 @@ def build_tables(
             # chunks of rows keep the rejection matrices small (memory ~ chunk x 2·negatives)
             neg = np.concatenate(
                 [
-                    sample_negatives(u[c : c + NEG_CHUNK], lo, hi, keys, touched[c : c + NEG_CHUNK], n_items, negatives, rng)
+                    sample_negatives(
+                        u[c : c + NEG_CHUNK], lo, hi, keys, touched[c : c + NEG_CHUNK], n_items, negatives, rng
+                    )
                     for c in range(0, len(u), NEG_CHUNK)
                 ]
                 or [np.zeros((0, negatives), dtype=np.int64)]
@@ -281,7 +297,10 @@ def build_tables(
     if warn is not None:
         for name, n in excluded.items():
             if n:
-                warn(f"{n} users of '{name}' touched too many items to get {negatives} negatives; left out of its valid/test")
+                warn(
+                    f"{n} users of '{name}' touched too many items to get {negatives} negatives; "
+                    "left out of its valid/test"
+                )
 
     return PreparedTables(
         domains=names,

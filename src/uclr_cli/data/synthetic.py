@@ -70,7 +70,7 @@ def generate(spec: SyntheticSpec) -> list[RawDomain]:
     taste = rng.standard_normal((spec.users, spec.factors)) / np.sqrt(spec.factors)
     activity = _zipf_weights(spec.users, spec.activity_zipf, rng)
     out = []
-    for d, (name, n_items, n_int) in enumerate(zip(spec.domains, spec.items, spec.interactions)):
+    for name, n_items, n_int in zip(spec.domains, spec.items, spec.interactions):
         u_taste = taste + spec.domain_noise * rng.standard_normal(taste.shape) / np.sqrt(spec.factors)
         item_f = rng.standard_normal((n_items, spec.factors))
         pop = _zipf_weights(n_items, spec.popularity_zipf, rng)

@@ -205,7 +205,7 @@ class NeuMF(SingleDomainModel):
         return score
 
     @torch.no_grad()
-    def init_from_towers(self, gmf: "NeuMF", mlp: "NeuMF", alpha: float = 0.5) -> None:
+    def init_from_towers(self, gmf: NeuMF, mlp: NeuMF, alpha: float = 0.5) -> None:
         """NeuMF from pretrained GMF and MLP models: their weights, output layer [α·h_gmf, (1-α)·h_mlp]."""
         if self.kind != "neumf" or gmf.kind != "gmf" or mlp.kind != "mlp":
             raise ValueError("init_from_towers needs a NeuMF model, a GMF tower and an MLP tower")
@@ -267,7 +267,17 @@ class LightGCN(SingleDomainModel):
 
     kind = "lightgcn"
 
-    def __init__(self, n_users: int, n_items: int, item_offset: int, dim: int, layers: int, graph: Tensor, init_std: float = 0.1, gen=None):
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        item_offset: int,
+        dim: int,
+        layers: int,
+        graph: Tensor,
+        init_std: float = 0.1,
+        gen=None,
+    ):
         super().__init__(n_users, n_items, item_offset)
         if tuple(graph.shape) != (n_users + n_items, n_users + n_items):
             raise ValueError(f"graph is {tuple(graph.shape)}, expected {(n_users + n_items,) * 2}")

@@ -8,9 +8,9 @@ interrupted ablation picks up where it stopped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from uclr_cli import checkpoint as ckpt
 from uclr_cli.config import ContrastConfig, FinetuneConfig, PretrainConfig

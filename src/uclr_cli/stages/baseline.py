@@ -69,10 +69,14 @@ def domain_graph(data: Dataset, d: int, device) -> torch.Tensor:
     """LightGCN's normalised user-item graph of domain ``d``'s train interactions, on ``device``."""
     lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
     sel = data.train_domain == d
-    return normalized_graph(data.train_user[sel].to(device), data.train_item[sel].to(device) - lo, data.n_users, hi - lo)
+    return normalized_graph(
+        data.train_user[sel].to(device), data.train_item[sel].to(device) - lo, data.n_users, hi - lo
+    )
 
 
-def build_model(kind: str, conf: dict, data: Dataset, d: int, device, gen: torch.Generator | None = None) -> SingleDomainModel:
+def build_model(
+    kind: str, conf: dict, data: Dataset, d: int, device, gen: torch.Generator | None = None
+) -> SingleDomainModel:
     """A fresh model of ``kind`` for domain ``d`` from a :func:`model_config` dict (initialised from ``gen``)."""
     lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
     shape = (data.n_users, hi - lo, lo, conf["dim"])
@@ -90,7 +94,9 @@ def build_model(kind: str, conf: dict, data: Dataset, d: int, device, gen: torch
 
 
 @torch.no_grad()
-def rank_model(model: SingleDomainModel, users: torch.Tensor, pos: torch.Tensor, negs: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def rank_model(
+    model: SingleDomainModel, users: torch.Tensor, pos: torch.Tensor, negs: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
     """Rank (R,) of each row's positive among its candidates under ``model`` (ties against it).
 
     Dot-product models go through :func:`uclr_cli.metrics.rank_candidates`
@@ -232,7 +238,13 @@ def run_domain(
     start, best, best_epoch, bad = 1, -math.inf, 0, 0
     if resume and state_path.is_file():
         expect = {"config": config, "seed": seed, "domain": domain, "towers_sha256": towers or None}
-        t, meta = ckpt.load(state_path, stage=stage + "-resume", fingerprint=data.fingerprint, expect=expect, may_differ={"config": ckpt.RESUME_MAY_DIFFER})
+        t, meta = ckpt.load(
+            state_path,
+            stage=stage + "-resume",
+            fingerprint=data.fingerprint,
+            expect=expect,
+            may_differ={"config": ckpt.RESUME_MAY_DIFFER},
+        )
         try:
             model.load_tensors({n: t[n] for n in model.tensors()})
         except (KeyError, ValueError) as e:
@@ -291,7 +303,11 @@ def run_domain(
         state = {**model.tensors(), **opt.state_tensors(), "rng": gen.get_state()}
         save(state_path, stage + "-resume", epoch, best, state, best_epoch=best_epoch, bad=bad, done=done)
         if progress:
-            progress(common.EpochEvent(f"{stage} {domain}", seed, epoch, cfg.epochs, epoch_loss, score, speed, best, best_epoch))
+            progress(
+                common.EpochEvent(
+                    f"{stage} {domain}", seed, epoch, cfg.epochs, epoch_loss, score, speed, best, best_epoch
+                )
+            )
         if done:
             break
 
@@ -300,7 +316,15 @@ def run_domain(
         best, best_epoch = valid_score(model, data, domain), 0
         save(best_path, stage, 0, best, model.tensors())
     return common.SeedResult(
-        f"{stage} {domain}", seed, best_path, best_epoch, best, epochs_run, timer.elapsed(), {domain: best}, {"domain": domain}
+        f"{stage} {domain}",
+        seed,
+        best_path,
+        best_epoch,
+        best,
+        epochs_run,
+        timer.elapsed(),
+        {domain: best},
+        {"domain": domain},
     )
 
 
@@ -315,7 +339,9 @@ def lightgcn_objective(model: LightGCN, u: torch.Tensor, i: torch.Tensor, j: tor
     return loss
 
 
-def neumf_objective(model: NeuMF, u: torch.Tensor, i: torch.Tensor, uu: torch.Tensor, j: torch.Tensor, reg: float) -> torch.Tensor:
+def neumf_objective(
+    model: NeuMF, u: torch.Tensor, i: torch.Tensor, uu: torch.Tensor, j: torch.Tensor, reg: float
+) -> torch.Tensor:
     """Binary log loss over positives (u, i) and negatives (uu, j), averaged over all pairs, + λ·L2 of the rows used."""
     pos, sq_pos = model(u, i)
     neg, sq_neg = model(uu, j)
@@ -352,7 +378,7 @@ def available(seed_dir: Path, data: Dataset) -> list[str]:
 
 
 def models(seed_dir: Path, display: str, data: Dataset, device) -> Iterator[tuple[str, SingleDomainModel]]:
-    """(domain, model) of baseline ``display`` (e.g. "NeuMF") for every domain it was trained on, loaded one at a time."""
+    """(domain, model) of baseline ``display`` (e.g. "NeuMF") per domain it was trained on, loaded one at a time."""
     kind = next(k for k, v in DISPLAY.items() if v == display)
     for d in data.domains:
         if (Path(seed_dir) / ckpt.baseline_name(kind, d)).is_file():

@@ -70,7 +70,15 @@ def masked(x: torch.Tensor, loss: ContrastLossConfig, gen: torch.Generator) -> t
     return mask_elements(x, loss.mask_ratio, gen)
 
 
-def combined_loss(ae: AutoEncoder, x: torch.Tensor, users: torch.Tensor, temps: TemperatureState, loss: ContrastLossConfig, gen, first_epoch: bool):
+def combined_loss(
+    ae: AutoEncoder,
+    x: torch.Tensor,
+    users: torch.Tensor,
+    temps: TemperatureState,
+    loss: ContrastLossConfig,
+    gen,
+    first_epoch: bool,
+):
     """L_con (FCCO surrogate) + α·L_rec on a batch; returns (objective, reported value, step)."""
     if loss.temperature == "none":  # the plain AE ablation: one stream, reconstruction only
         rec = reconstruction_loss(ae(x), x)
@@ -144,7 +152,13 @@ def run_seed(
     per_domain_best = score()  # epoch 0: the untrained autoencoder, for reference only
     best = -math.inf
     if resume and state_path.is_file():
-        t, meta = ckpt.load(state_path, stage=STAGE + "-resume", fingerprint=data.fingerprint, expect={"config": config, "seed": seed, "pretrain_sha256": pre_sha}, may_differ={"config": ckpt.RESUME_MAY_DIFFER})
+        t, meta = ckpt.load(
+            state_path,
+            stage=STAGE + "-resume",
+            fingerprint=data.fingerprint,
+            expect={"config": config, "seed": seed, "pretrain_sha256": pre_sha},
+            may_differ={"config": ckpt.RESUME_MAY_DIFFER},
+        )
         load_ae(ae, t)
         temps.load(t)
         opt.load_state_dict(_opt_state_from(t, opt))
@@ -187,8 +201,17 @@ def run_seed(
         done = bad >= cfg.patience or epoch == cfg.epochs
         tensors = {**ae_tensors(ae), **temps.tensors(), **_opt_tensors(opt), "rng": gen.get_state()}
         meta = common.base_meta(
-            STAGE + "-resume", data, seed, config, epoch=epoch, best_score=best, best_epoch=best_epoch, bad=bad,
-            per_domain=per_domain_best, done=done, **meta_extra,
+            STAGE + "-resume",
+            data,
+            seed,
+            config,
+            epoch=epoch,
+            best_score=best,
+            best_epoch=best_epoch,
+            bad=bad,
+            per_domain=per_domain_best,
+            done=done,
+            **meta_extra,
         )
         ckpt.save(state_path, tensors, meta)
         if progress:
@@ -205,8 +228,12 @@ def run_seed(
         tau = best_t["tau"]
         extra["tau_by_bucket"] = tau_by_bucket(tau, data)
         extra["tau_min_max"] = (float(tau.min()), float(tau.max()))
-        extra["tau_at_bounds"] = float(((tau <= cfg.tau_min * (1 + 1e-6)) | (tau >= cfg.tau_max * (1 - 1e-6))).float().mean())
-    return common.SeedResult(STAGE, seed, best_path, best_epoch, best, epochs_run, timer.elapsed(), per_domain_best, extra)
+        extra["tau_at_bounds"] = float(
+            ((tau <= cfg.tau_min * (1 + 1e-6)) | (tau >= cfg.tau_max * (1 - 1e-6))).float().mean()
+        )
+    return common.SeedResult(
+        STAGE, seed, best_path, best_epoch, best, epochs_run, timer.elapsed(), per_domain_best, extra
+    )
 
 
 def _opt_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -226,4 +253,3 @@ def _opt_state_from(t: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> d
             state.setdefault(int(i), {})[k] = v
     sd["state"] = state
     return sd
-

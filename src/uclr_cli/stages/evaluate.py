@@ -25,12 +25,12 @@ import polars as pl
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from uclr_cli import checkpoint as ckpt
 from uclr_cli.data.prepared import Dataset, EvalSplit
 from uclr_cli.data.split import DEFAULT_BUCKETS, bucket_index, bucket_labels
 from uclr_cli.errors import ConfigError, DataError
 from uclr_cli.files import atomic_write
 from uclr_cli.metrics import METRIC_NAMES, metrics_from_ranks, positive_ranks, rank_candidates
-from uclr_cli import checkpoint as ckpt
 from uclr_cli.stages import baseline as bl
 from uclr_cli.stages import common
 from uclr_cli.stages import variants as var
@@ -85,11 +85,15 @@ class EvalRow(BaseModel):
 
     domain: str = Field(description="Domain name, as in the prepared folder's manifest.")
     model: str = Field(description="Random, Pop, PGE, PGE+AE, PGE+CL-AE, PGE+UCL-AE or UCLR.")
-    bucket: str = Field(description="'all', or an activity bucket label such as '1-2' (users by train interactions in this domain).")
+    bucket: str = Field(
+        description="'all', or an activity bucket label such as '1-2' (users by train interactions in this domain)."
+    )
     metric: Literal["mrr", "hr", "ndcg"] = Field(description="Metric name; see docs/evaluate-json.md.")
     k: int = Field(description="Cut-off K.")
     mean: float = Field(description="Mean over seeds of the per-seed average over users, in percent (0-100).")
-    std: float | None = Field(description="Sample standard deviation over seeds (ddof=1), in percent; null with a single seed.")
+    std: float | None = Field(
+        description="Sample standard deviation over seeds (ddof=1), in percent; null with a single seed."
+    )
     n_seeds: int = Field(description="Number of seeds averaged.")
     n_users: int = Field(description="Evaluation rows (one per user) in this domain and bucket.")
 
@@ -105,7 +109,9 @@ class EvalReport(BaseModel):
     seeds: list[int] = Field(description="Seeds evaluated (seed-<s> folders with at least one checkpoint).")
     ks: list[int] = Field(description="Cut-offs K.")
     buckets: list[str] = Field(description="Activity bucket labels, in order (the 'all' bucket is not listed).")
-    rows: list[EvalRow] = Field(description="Ordered by domain, model, bucket ('all' first), metric (mrr, hr, ndcg), k.")
+    rows: list[EvalRow] = Field(
+        description="Ordered by domain, model, bucket ('all' first), metric (mrr, hr, ndcg), k."
+    )
 
 
 @dataclass
@@ -231,7 +237,9 @@ def run(
         if variants is not None:
             have = [v for v in have if v in variants]
         if not have:
-            warnings.append(f"{sdir}: no checkpoint{' of the chosen variants' if variants is not None else ''}; seed {s} skipped")
+            warnings.append(
+                f"{sdir}: no checkpoint{' of the chosen variants' if variants is not None else ''}; seed {s} skipped"
+            )
             continue
         plan.append((s, sdir, sorted(have, key=_model_rank)))
     if not plan:
@@ -242,7 +250,9 @@ def run(
     for v in sorted({v for _, _, have in plan for v in have}, key=_model_rank):
         with_v = [s for s, _, have in plan if v in have]
         if len(with_v) < len(all_seeds):
-            warnings.append(f"{v}: checkpoints for seed(s) {', '.join(map(str, with_v))} only, of {', '.join(map(str, all_seeds))}")
+            warnings.append(
+                f"{v}: checkpoints for seed(s) {', '.join(map(str, with_v))} only, of {', '.join(map(str, all_seeds))}"
+            )
 
     splits = data.split(split)
     ev_dev = {d: splits[d].to(dev) for d in data.domains}
@@ -265,7 +275,9 @@ def run(
             for metric in METRIC_NAMES:
                 sums, counts = per[(metric, k)]
                 total = float(sums.sum())
-                entries = [(ALL_BUCKET, total, n_all)] + [(labels[b], float(sums[b]), int(counts[b])) for b in range(n_b)]
+                entries = [(ALL_BUCKET, total, n_all)] + [
+                    (labels[b], float(sums[b]), int(counts[b])) for b in range(n_b)
+                ]
                 for label, s_val, n in entries:
                     if n == 0:  # nothing to average: the bucket (or domain) has no rows
                         continue
@@ -308,7 +320,9 @@ def run(
     return EvalResult(report=report, per_seed=per_seed, models=models, warnings=warnings)
 
 
-def _aggregate(data: Dataset, split: str, seeds: list[int], ks: list[int], labels: list[str], per_seed: pl.DataFrame) -> EvalReport:
+def _aggregate(
+    data: Dataset, split: str, seeds: list[int], ks: list[int], labels: list[str], per_seed: pl.DataFrame
+) -> EvalReport:
     groups: dict[tuple, list[float]] = {}
     users: dict[tuple, int] = {}
     for dom, model, bucket, metric, k, value, n in per_seed.select(
@@ -330,8 +344,15 @@ def _aggregate(data: Dataset, split: str, seeds: list[int], ks: list[int], label
         dom, model, bucket, metric, k = key
         rows.append(
             EvalRow(
-                domain=dom, model=model, bucket=bucket, metric=metric, k=k,
-                mean=statistics.fmean(vals), std=std, n_seeds=len(vals), n_users=users[key],
+                domain=dom,
+                model=model,
+                bucket=bucket,
+                metric=metric,
+                k=k,
+                mean=statistics.fmean(vals),
+                std=std,
+                n_seeds=len(vals),
+                n_users=users[key],
             )
         )
     return EvalReport(

@@ -10,21 +10,20 @@ validation, the saved adapter is the zero one, and the summary says so.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from uclr_cli import checkpoint as ckpt
 from uclr_cli.config import ContrastConfig, FinetuneConfig
-from uclr_cli.errors import ConfigError
 from uclr_cli.data.prepared import Dataset, sha256_file
+from uclr_cli.errors import ConfigError
 from uclr_cli.models.autoencoder import AutoEncoder
 from uclr_cli.models.lora import LoRAEmbedding
+from uclr_cli.optim import load_torch_optimizer_tensors, torch_optimizer_tensors
 from uclr_cli.stages import common
 from uclr_cli.stages.contrast import TemperatureState, ae_tensors, combined_loss, load_ae
 from uclr_cli.stages.pretrain import NegativeSampler, bpr_objective
-from uclr_cli.optim import load_torch_optimizer_tensors, torch_optimizer_tensors
 
 STAGE = "finetune"
 
@@ -79,7 +78,9 @@ def run_domain(
     if cfg.train_items:
         params["items"] = dom_items
     opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
-    meta_extra = dict(domain=domain, rank=cfg.rank, dim=users_e.shape[1], pretrain_sha256=pre_sha, contrast_sha256=con_sha)
+    meta_extra = dict(
+        domain=domain, rank=cfg.rank, dim=users_e.shape[1], pretrain_sha256=pre_sha, contrast_sha256=con_sha
+    )
 
     def item_table() -> torch.Tensor:
         return torch.cat([items[:lo], dom_items.detach(), items[hi:]])
@@ -105,7 +106,13 @@ def run_domain(
     per_domain_best = score()
     best, best_epoch, bad, start = common.mean_score(per_domain_best), 0, 0, 1
     if resume and state_path.is_file():
-        t, meta = ckpt.load(state_path, stage=STAGE + "-resume", fingerprint=data.fingerprint, expect={"config": config, "seed": seed, "contrast_sha256": con_sha, "domain": domain}, may_differ={"config": ckpt.RESUME_MAY_DIFFER})
+        t, meta = ckpt.load(
+            state_path,
+            stage=STAGE + "-resume",
+            fingerprint=data.fingerprint,
+            expect={"config": config, "seed": seed, "contrast_sha256": con_sha, "domain": domain},
+            may_differ={"config": ckpt.RESUME_MAY_DIFFER},
+        )
         with torch.no_grad():
             lora.lora_a.copy_(t["lora_a"])
             lora.lora_b.copy_(t["lora_b"])
@@ -170,18 +177,42 @@ def run_domain(
                 bad += 1
         done = bad >= cfg.patience or epoch == cfg.epochs
         # trained_tensors() holds the adapter and every trained part; τ state rides along for resume
-        tensors = {**trained_tensors(), **temps.tensors(), **torch_optimizer_tensors(opt, list(params)), "rng": gen.get_state()}
+        tensors = {
+            **trained_tensors(),
+            **temps.tensors(),
+            **torch_optimizer_tensors(opt, list(params)),
+            "rng": gen.get_state(),
+        }
         meta = common.base_meta(
-            STAGE + "-resume", data, seed, config, epoch=epoch, best_score=best, best_epoch=best_epoch, bad=bad,
-            per_domain=per_domain_best, done=done, **meta_extra,
+            STAGE + "-resume",
+            data,
+            seed,
+            config,
+            epoch=epoch,
+            best_score=best,
+            best_epoch=best_epoch,
+            bad=bad,
+            per_domain=per_domain_best,
+            done=done,
+            **meta_extra,
         )
         ckpt.save(state_path, tensors, meta)
         if progress:
-            progress(common.EpochEvent(f"{STAGE} {domain}", seed, epoch, cfg.epochs, epoch_loss, sc, speed, best, best_epoch))
+            progress(
+                common.EpochEvent(f"{STAGE} {domain}", seed, epoch, cfg.epochs, epoch_loss, sc, speed, best, best_epoch)
+            )
         if done:
             break
     return common.SeedResult(
-        f"{STAGE} {domain}", seed, best_path, best_epoch, best, epochs_run, timer.elapsed(), per_domain_best, {"domain": domain}
+        f"{STAGE} {domain}",
+        seed,
+        best_path,
+        best_epoch,
+        best,
+        epochs_run,
+        timer.elapsed(),
+        per_domain_best,
+        {"domain": domain},
     )
 
 
@@ -192,7 +223,12 @@ def load_finetuned(seed_dir: Path, data: Dataset, domain: str, device) -> tuple[
     users_e, items_e, _ = common.load_pretrain(pre_path, data)
     pre_sha, con_sha = sha256_file(pre_path), sha256_file(con_path)
     ae, _, _, _ = load_contrast(con_path, data, pre_sha, device)
-    t, meta = ckpt.load(seed_dir / ckpt.finetune_name(domain), stage=STAGE, fingerprint=data.fingerprint, expect={"contrast_sha256": con_sha, "domain": domain})
+    t, meta = ckpt.load(
+        seed_dir / ckpt.finetune_name(domain),
+        stage=STAGE,
+        fingerprint=data.fingerprint,
+        expect={"contrast_sha256": con_sha, "domain": domain},
+    )
     lora = LoRAEmbedding(users_e, meta["rank"], meta["config"]["lora_alpha"] or float(meta["rank"])).to(device)
     with torch.no_grad():
         lora.lora_a.copy_(t["lora_a"])

@@ -101,7 +101,13 @@ def run_seed(
     start, best, best_epoch, bad = 1, -math.inf, 0, 0
     per_domain_best: dict[str, float] = {}
     if resume and state_path.is_file():
-        t, meta = ckpt.load(state_path, stage=STAGE + "-resume", fingerprint=data.fingerprint, expect={"config": config, "seed": seed}, may_differ={"config": ckpt.RESUME_MAY_DIFFER})
+        t, meta = ckpt.load(
+            state_path,
+            stage=STAGE + "-resume",
+            fingerprint=data.fingerprint,
+            expect={"config": config, "seed": seed},
+            may_differ={"config": ckpt.RESUME_MAY_DIFFER},
+        )
         with torch.no_grad():
             users.copy_(t["user_emb"])
             items.copy_(t["item_emb"])
@@ -158,7 +164,24 @@ def run_seed(
             if pending_best is not None:
                 ckpt.save(best_path, *pending_best)
                 pending_best = None
-            _save_state(state_path, cfg, data, seed, config, users, items, opt, names, gen, epoch, best, best_epoch, bad, per_domain_best, done)
+            _save_state(
+                state_path,
+                cfg,
+                data,
+                seed,
+                config,
+                users,
+                items,
+                opt,
+                names,
+                gen,
+                epoch,
+                best,
+                best_epoch,
+                bad,
+                per_domain_best,
+                done,
+            )
             last_save = common.Timer()
         if progress:
             progress(common.EpochEvent(STAGE, seed, epoch, cfg.epochs, epoch_loss, score, speed, best, best_epoch))
@@ -174,13 +197,24 @@ def run_seed(
     return common.SeedResult(STAGE, seed, best_path, best_epoch, best, epochs_run, timer.elapsed(), per_domain_best)
 
 
-def _save_state(path, cfg, data, seed, config, users, items, opt, names, gen, epoch, best, best_epoch, bad, per_domain, done):
+def _save_state(
+    path, cfg, data, seed, config, users, items, opt, names, gen, epoch, best, best_epoch, bad, per_domain, done
+):
     tensors = {"user_emb": users.detach(), "item_emb": items.detach(), "rng": gen.get_state()}
     if cfg.optimizer in ROWWISE_BETA1:
         tensors.update(opt.state_tensors())
     else:
         tensors.update(torch_optimizer_tensors(opt, names))
     meta = common.base_meta(
-        STAGE + "-resume", data, seed, config, epoch=epoch, best_score=best, best_epoch=best_epoch, bad=bad, per_domain=per_domain, done=done
+        STAGE + "-resume",
+        data,
+        seed,
+        config,
+        epoch=epoch,
+        best_score=best,
+        best_epoch=best_epoch,
+        bad=bad,
+        per_domain=per_domain,
+        done=done,
     )
     ckpt.save(path, tensors, meta)

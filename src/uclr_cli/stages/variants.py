@@ -34,7 +34,9 @@ def available(seed_dir: Path, data: Dataset) -> list[str]:
     return out
 
 
-def vectors(seed_dir: Path, variant: str, data: Dataset, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def vectors(
+    seed_dir: Path, variant: str, data: Dataset, device: torch.device
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per domain: (user table, item table) of ``variant``; checks every checkpoint it reads."""
     seed_dir = Path(seed_dir)
     users, items, _ = common.load_pretrain(seed_dir / ckpt.PRETRAIN, data)
@@ -43,7 +45,12 @@ def vectors(seed_dir: Path, variant: str, data: Dataset, device: torch.device) -
         return {d: (users, items) for d in data.domains}
     if variant in CONTRAST_VARIANTS:
         path = seed_dir / ckpt.CONTRAST[CONTRAST_VARIANTS[variant]]
-        t, meta = ckpt.load(path, stage="contrast", fingerprint=data.fingerprint, expect={"pretrain_sha256": sha256_file(seed_dir / ckpt.PRETRAIN)})
+        t, meta = ckpt.load(
+            path,
+            stage="contrast",
+            fingerprint=data.fingerprint,
+            expect={"pretrain_sha256": sha256_file(seed_dir / ckpt.PRETRAIN)},
+        )
         ae = AutoEncoder(meta["dim"], meta["hidden"]).to(device)
         ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
         with torch.no_grad():
@@ -52,5 +59,9 @@ def vectors(seed_dir: Path, variant: str, data: Dataset, device: torch.device) -
     if variant == "UCLR":
         from uclr_cli.stages.finetune import load_finetuned
 
-        return {d: load_finetuned(seed_dir, data, d, device) for d in data.domains if (seed_dir / ckpt.finetune_name(d)).is_file()}
+        return {
+            d: load_finetuned(seed_dir, data, d, device)
+            for d in data.domains
+            if (seed_dir / ckpt.finetune_name(d)).is_file()
+        }
     raise ValueError(f"unknown variant {variant!r}")
