@@ -135,7 +135,7 @@ def bench_pretrain(work: Path, quick: bool) -> None:
     import torch
 
     from uclr_cli.config import PretrainConfig
-    from uclr_cli.data.prepared import load_prepared
+    from uclr_cli.data.dataset import load_prepared
     from uclr_cli.stages import pretrain
 
     data = load_prepared(amazon_data(work, quick))
@@ -164,7 +164,7 @@ def bench_pretrain(work: Path, quick: bool) -> None:
 
 def bench_contrast_finetune(work: Path, quick: bool) -> None:
     from uclr_cli.config import ContrastConfig, FinetuneConfig, PretrainConfig
-    from uclr_cli.data.prepared import load_prepared
+    from uclr_cli.data.dataset import load_prepared
     from uclr_cli.stages import contrast, finetune, pretrain
 
     data = load_prepared(amazon_data(work, quick))
@@ -212,14 +212,15 @@ def bench_evaluate(work: Path, quick: bool) -> None:
 
 
 def bench_baselines(work: Path, quick: bool) -> None:
+    from uclr_cli import registry
     from uclr_cli.config import BaselineConfig
-    from uclr_cli.data.prepared import load_prepared
+    from uclr_cli.data.dataset import load_prepared
     from uclr_cli.stages import baseline
 
     data = load_prepared(amazon_data(work, quick))
     d = "books"
     n = int((data.train_domain == data.domain_index(d)).sum())
-    for name in baseline.NAMES:
+    for name in registry.BASELINES:
         speeds = []  # training only (the epoch's validation is not timed); the faster of 2 epochs
         cfg = BaselineConfig(model=name, epochs=2, device="cpu")  # defaults: m=128, batch 2048, 4 negatives, 3 layers
         baseline.run_domain(
@@ -293,7 +294,7 @@ def implicit_to_budget(data, budget: float, threads: int, factors: int = 128) ->
         return None
     import torch
 
-    from uclr_cli.stages import common
+    from uclr_cli import loop
 
     u, i = data.train_user.numpy(), data.train_item.numpy()
     ui = scipy.sparse.csr_matrix((np.ones(len(u), dtype=np.float32), (u, i)), shape=(data.n_users, data.n_items))
@@ -322,7 +323,7 @@ def implicit_to_budget(data, budget: float, threads: int, factors: int = 128) ->
         torch.from_numpy(np.ascontiguousarray(model.user_factors)),
         torch.from_numpy(np.ascontiguousarray(model.item_factors)),
     )
-    score = common.mean_score(common.valid_scores(data, uv, iv, data.valid))
+    score = loop.mean_score(loop.valid_scores(data, uv, iv, data.valid))
     return {
         "ndcg": score,
         "epochs": epochs,
@@ -339,7 +340,7 @@ def implicit_to_budget(data, budget: float, threads: int, factors: int = 128) ->
 def bench_quality(work: Path, quick: bool) -> None:
     import torch
 
-    from uclr_cli.data.prepared import load_prepared
+    from uclr_cli.data.dataset import load_prepared
 
     data = load_prepared(amazon_data(work, quick))
     budget = OPTS.budget if OPTS.budget is not None else (10.0 if quick else 60.0)
@@ -455,7 +456,7 @@ def _epochs_run(seed_dir: Path, stage: str) -> str:
 def _pretrain_child(path: str, optimizer: str | None, epochs: int) -> None:
     """Child process of `scaling`: pretrain ``epochs`` epochs on ``path`` and print one JSON line."""
     from uclr_cli.config import PretrainConfig
-    from uclr_cli.data.prepared import load_prepared
+    from uclr_cli.data.dataset import load_prepared
     from uclr_cli.stages import pretrain
 
     data = load_prepared(Path(path))

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from uclr_cli.config import ContrastConfig, FinetuneConfig, PretrainConfig
-from uclr_cli.data.prepared import load_prepared
+from uclr_cli.data.dataset import load_prepared
 from uclr_cli.stages import contrast, finetune, pretrain
 
 

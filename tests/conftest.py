@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from uclr_cli.cli.app import app
 from uclr_cli.config import PrepareConfig
-from uclr_cli.data import prepare
+from uclr_cli.stages import prepare
 
 SHARED_DOUBAN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "douban"
 

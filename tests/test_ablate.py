@@ -6,6 +6,7 @@ import json
 
 from conftest import run_cli
 from uclr_cli import checkpoint as ckpt
+from uclr_cli import layout
 
 TINY = """
 [pretrain]
@@ -38,14 +39,14 @@ def test_ablate_three_seeds_end_to_end_and_skip(tiny_data, tmp_path):
     for s in (0, 1, 2):
         sd = run / f"seed-{s}"
         for name in (
-            ckpt.PRETRAIN,
-            *ckpt.CONTRAST.values(),
-            *(ckpt.finetune_name(d) for d in ("books", "movies", "music")),
+            layout.PRETRAIN,
+            *layout.CONTRAST.values(),
+            *(layout.finetune_name(d) for d in ("books", "movies", "music")),
         ):
             assert (sd / name).is_file(), (s, name)
         # the contrast variants of a seed share its PGE checkpoint
-        sha = ckpt.read_header(sd / ckpt.CONTRAST["none"])["pretrain_sha256"]
-        assert ckpt.read_header(sd / ckpt.CONTRAST["global"])["pretrain_sha256"] == sha
+        sha = ckpt.read_header(sd / layout.CONTRAST["none"])["pretrain_sha256"]
+        assert ckpt.read_header(sd / layout.CONTRAST["global"])["pretrain_sha256"] == sha
     out = r.stdout
     for model in ("Random", "Pop", "PGE", "PGE+AE", "PGE+CL-AE", "PGE+UCL-AE", "UCLR"):
         assert model in out

@@ -19,8 +19,10 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from uclr_cli import checkpoint as ckpt
+from uclr_cli import layout, registry
+from uclr_cli import trained as tr
 from uclr_cli.config import BaselineConfig
-from uclr_cli.data.prepared import Dataset, EvalSplit, load_prepared
+from uclr_cli.data.dataset import Dataset, EvalSplit, load_prepared
 from uclr_cli.errors import CheckpointError, ConfigError, DataError
 from uclr_cli.metrics import positive_ranks, summarize
 from uclr_cli.models.baselines import BPRMF, LightGCN, NeuMF, normalized_graph
@@ -77,7 +79,7 @@ def test_learns_tiny_data_beats_random(data, trained, name):
     floor = random_ndcg(data.valid[DOMAIN])  # 0.0455 for 1 positive among 100
     assert res.best_epoch >= 1 and set(res.per_domain) == {DOMAIN}
     assert res.best_score > 2.5 * floor, (name, res.best_score, floor)
-    assert res.path == run / "seed-0" / ckpt.baseline_name(name, DOMAIN)
+    assert res.path == run / "seed-0" / layout.baseline_name(name, DOMAIN)
 
 
 def two_groups() -> Dataset:
@@ -125,9 +127,9 @@ def test_hand_made_two_groups(name, tmp_path):
         name, batch_size=32, epochs=30, patience=30, lr=0.05, **({"mlp_layers": [8]} if name == "neumf" else {})
     )
     res = bl.run_domain(cfg, hand, tmp_path, 0, "b")
-    model = bl.load_model(tmp_path / "seed-0", name, hand, "b", CPU)
+    model = tr.load_baseline(tmp_path / "seed-0", name, hand, "b", CPU)
     ev_b = hand.valid["b"]
-    ranks = bl.rank_model(model, ev_b.users, ev_b.pos, ev_b.negs)
+    ranks = tr.rank_model(model, ev_b.users, ev_b.pos, ev_b.negs)
     assert (ranks == 1).float().mean() >= 0.95, (name, ranks.tolist())
     assert res.best_score >= 0.95
 
@@ -138,9 +140,9 @@ def test_hand_made_two_groups(name, tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_save_load_round_trip(data, trained, name, tmp_path):
     run, res = trained[name]
-    model = bl.load_model(run / "seed-0", name, data, DOMAIN, CPU)
+    model = tr.load_baseline(run / "seed-0", name, data, DOMAIN, CPU)
     # the score recorded while training equals the score of the reloaded checkpoint
-    assert bl.valid_score(model, data, DOMAIN) == res.best_score
+    assert tr.baseline_valid_score(model, data, DOMAIN) == res.best_score
     meta = ckpt.read_header(res.path)
     assert meta["stage"] == f"baseline-{name}" and meta["dataset"] == data.fingerprint and meta["seed"] == 0
     assert (
@@ -150,9 +152,9 @@ def test_save_load_round_trip(data, trained, name, tmp_path):
         and meta["config"]["model"] == name
     )
     # save what was loaded under another folder, reload: identical scores
-    copy = tmp_path / "seed-0" / ckpt.baseline_name(name, DOMAIN)
+    copy = tmp_path / "seed-0" / layout.baseline_name(name, DOMAIN)
     ckpt.save(copy, model.tensors(), {k: v for k, v in meta.items() if k not in ("format_version", "package_version")})
-    again = bl.load_model(tmp_path / "seed-0", name, data, DOMAIN, CPU)
+    again = tr.load_baseline(tmp_path / "seed-0", name, data, DOMAIN, CPU)
     ev_m = data.test[DOMAIN]
     cand = torch.cat([ev_m.pos.unsqueeze(1), ev_m.negs], 1)
     assert torch.equal(model.score(ev_m.users, cand), again.score(ev_m.users, cand))
@@ -165,44 +167,44 @@ def test_load_refuses_other_stage_dataset_domain_and_shape(data, trained, name, 
     sd = tmp_path / "seed-0"
     sd.mkdir()
     other = "bprmf" if name != "bprmf" else "lightgcn"
-    shutil.copy(res.path, sd / ckpt.baseline_name(other, DOMAIN))
+    shutil.copy(res.path, sd / layout.baseline_name(other, DOMAIN))
     with pytest.raises(CheckpointError, match=f"stage 'baseline-{name}', expected 'baseline-{other}'"):
-        bl.load_model(sd, other, data, DOMAIN, CPU)
-    shutil.copy(res.path, sd / ckpt.baseline_name(name, "books"))
+        tr.load_baseline(sd, other, data, DOMAIN, CPU)
+    shutil.copy(res.path, sd / layout.baseline_name(name, "books"))
     with pytest.raises(CheckpointError, match="domain='music', expected 'books'"):
-        bl.load_model(sd, name, data, "books", CPU)
+        tr.load_baseline(sd, name, data, "books", CPU)
     with pytest.raises(CheckpointError, match="another dataset"):
         ckpt.load(res.path, stage=f"baseline-{name}", fingerprint="0" * 64)
     # tensors of another dimension under the right header
     meta = {k: v for k, v in ckpt.read_header(res.path).items() if k not in ("format_version", "package_version")}
     t = {k: v[..., :8] if v.dim() == 2 and v.shape[1] == 16 else v for k, v in load_file(str(res.path)).items()}
-    ckpt.save(sd / ckpt.baseline_name(name, DOMAIN), t, meta)
+    ckpt.save(sd / layout.baseline_name(name, DOMAIN), t, meta)
     with pytest.raises(CheckpointError, match="does not match"):
-        bl.load_model(sd, name, data, DOMAIN, CPU)
+        tr.load_baseline(sd, name, data, DOMAIN, CPU)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_batch_scores_equal_one_at_a_time(data, trained, name):
     run, _ = trained[name]
-    model = bl.load_model(run / "seed-0", name, data, DOMAIN, CPU)
+    model = tr.load_baseline(run / "seed-0", name, data, DOMAIN, CPU)
     ev_m = data.test[DOMAIN]
     cand = torch.cat([ev_m.pos.unsqueeze(1), ev_m.negs], 1)
     batch = model.score(ev_m.users, cand)
     single = torch.cat([model.score(ev_m.users[r : r + 1], cand[r : r + 1]) for r in range(len(ev_m.users))])
     torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-6)
     # ranks: the evaluator's path (dot product or chunked scorer) == ranks of the scores == one row at a time
-    ranks = bl.rank_model(model, ev_m.users, ev_m.pos, ev_m.negs)
+    ranks = tr.rank_model(model, ev_m.users, ev_m.pos, ev_m.negs)
     assert torch.equal(ranks, positive_ranks(batch[:, 0], batch[:, 1:]))
-    assert torch.equal(ranks, bl.rank_model(model, ev_m.users, ev_m.pos, ev_m.negs, chunk=1))
-    assert torch.equal(ranks, bl.rank_model(model, ev_m.users, ev_m.pos, ev_m.negs, chunk=7))
+    assert torch.equal(ranks, tr.rank_model(model, ev_m.users, ev_m.pos, ev_m.negs, chunk=1))
+    assert torch.equal(ranks, tr.rank_model(model, ev_m.users, ev_m.pos, ev_m.negs, chunk=7))
 
 
 def test_candidates_outside_the_domain_refused(data, trained):
     run, _ = trained["bprmf"]
-    model = bl.load_model(run / "seed-0", "bprmf", data, DOMAIN, CPU)
+    model = tr.load_baseline(run / "seed-0", "bprmf", data, DOMAIN, CPU)
     books = data.test["books"]
     with pytest.raises(DataError, match="outside the model's domain"):
-        bl.rank_model(model, books.users, books.pos, books.negs)
+        tr.rank_model(model, books.users, books.pos, books.negs)
 
 
 # --------------------------------------------------------------------------- determinism and resume
@@ -235,7 +237,7 @@ def stop_then_resume(cfg: BaselineConfig, data, run: Path, stop_stage: str, stop
 
     with pytest.raises(Killed):
         bl.run_domain(cfg, data, run, 0, DOMAIN, progress=kill)
-    state = run / "seed-0" / ckpt.resume_name(ckpt.baseline_name(stop_stage.removeprefix("baseline-"), DOMAIN))
+    state = run / "seed-0" / layout.resume_name(layout.baseline_name(stop_stage.removeprefix("baseline-"), DOMAIN))
     assert ckpt.read_header(state)["epoch"] == stop_epoch and not ckpt.read_header(state)["done"]
     bl.run_domain(cfg, data, run, 0, DOMAIN, resume=True)
 
@@ -245,11 +247,11 @@ def test_resume_equals_uninterrupted(data, name, tmp_path):
     full = config(name, epochs=4, patience=10)
     bl.run_domain(full, data, tmp_path / "a", 0, DOMAIN)
     stop_then_resume(full, data, tmp_path / "b", f"baseline-{name}", 2)
-    for p in (ckpt.baseline_name(name, DOMAIN), ckpt.resume_name(ckpt.baseline_name(name, DOMAIN))):
+    for p in (layout.baseline_name(name, DOMAIN), layout.resume_name(layout.baseline_name(name, DOMAIN))):
         a, b = load_file(str(tmp_path / "a" / "seed-0" / p)), load_file(str(tmp_path / "b" / "seed-0" / p))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), p
-    ha = ckpt.read_header(tmp_path / "a" / "seed-0" / ckpt.baseline_name(name, DOMAIN))
-    hb = ckpt.read_header(tmp_path / "b" / "seed-0" / ckpt.baseline_name(name, DOMAIN))
+    ha = ckpt.read_header(tmp_path / "a" / "seed-0" / layout.baseline_name(name, DOMAIN))
+    hb = ckpt.read_header(tmp_path / "b" / "seed-0" / layout.baseline_name(name, DOMAIN))
     assert (ha["epoch"], ha["best_score"]) == (hb["epoch"], hb["best_score"])
 
 
@@ -264,12 +266,12 @@ def test_neumf_pretrained_towers_and_resume(data, tmp_path):
     res = bl.run_domain(full, data, tmp_path / "a", 0, DOMAIN)
     sd = tmp_path / "a" / "seed-0"
     for t in ("gmf", "mlp", "neumf"):
-        assert (sd / ckpt.baseline_name(t, DOMAIN)).is_file(), t
+        assert (sd / layout.baseline_name(t, DOMAIN)).is_file(), t
     assert set(ckpt.read_header(res.path)["towers_sha256"]) == {"gmf", "mlp"}
     for stop in ("baseline-mlp", "baseline-neumf"):  # killed while pretraining a tower, and after the towers
         run = tmp_path / stop
         stop_then_resume(full, data, run, stop, 2)
-        a, b = load_file(str(res.path)), load_file(str(run / "seed-0" / ckpt.baseline_name("neumf", DOMAIN)))
+        a, b = load_file(str(res.path)), load_file(str(run / "seed-0" / layout.baseline_name("neumf", DOMAIN)))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -355,8 +357,8 @@ def test_config_defaults_and_model_options():
 
 
 def test_evaluate_constants_match_stage():
-    assert ev.BASELINES == ("BPRMF", "NeuMF", "LightGCN") == tuple(bl.DISPLAY.values())
-    assert ev.MODEL_ORDER[:6] == ("Random", "Pop", "BPRMF", "NeuMF", "LightGCN", "PGE")
+    assert tuple(registry.BASELINES.values()) == ("BPRMF", "NeuMF", "LightGCN")
+    assert registry.MODEL_ORDER[:6] == ("Random", "Pop", "BPRMF", "NeuMF", "LightGCN", "PGE")
 
 
 @pytest.fixture(scope="module")
@@ -408,8 +410,8 @@ def cli_run(tiny_data, tmp_path_factory):
 def test_cli_writes_checkpoints_and_config(cli_run):
     sd = cli_run / "seed-0"
     for name in NAMES:
-        assert (sd / ckpt.baseline_name(name, DOMAIN)).is_file()
-        assert not (sd / ckpt.baseline_name(name, "books")).exists()
+        assert (sd / layout.baseline_name(name, DOMAIN)).is_file()
+        assert not (sd / layout.baseline_name(name, "books")).exists()
     resolved = json.loads((cli_run / "config.json").read_text())
     assert resolved["baseline-neumf"]["negatives"] == 2 and resolved["baseline-neumf"]["mlp_layers"] == [16, 8]
     assert resolved["baseline-lightgcn"]["layers"] == 2
@@ -445,14 +447,14 @@ def test_evaluate_shows_baselines_in_table_2_order(tiny_data, data, cli_run):
             ["Random", "Pop", "BPRMF", "NeuMF", "LightGCN", "PGE"] if d == DOMAIN else ["Random", "Pop", "PGE"]
         )
     for x in rep.rows:
-        if x.model in ev.BASELINES:
+        if x.model in registry.BASELINES.values():
             assert x.n_seeds == 1 and 0.0 <= x.mean <= 100.0
             assert x.bucket == "all" or x.bucket in rep.buckets
     # the rows are the ranks of the reloaded models on the test candidates
     t = data.test[DOMAIN]
-    for name, display in bl.DISPLAY.items():
-        model = bl.load_model(cli_run / "seed-0", name, data, DOMAIN, CPU)
-        want = 100 * summarize(bl.rank_model(model, t.users, t.pos, t.negs), [10])[("ndcg", 10)]
+    for name, display in registry.BASELINES.items():
+        model = tr.load_baseline(cli_run / "seed-0", name, data, DOMAIN, CPU)
+        want = 100 * summarize(tr.rank_model(model, t.users, t.pos, t.negs), [10])[("ndcg", 10)]
         (row,) = [x for x in rep.rows if x.model == display and x.bucket == "all" and x.metric == "ndcg"]
         assert row.mean == pytest.approx(want, abs=1e-9)
     table = run_cli("evaluate", "--data", tiny_data, "--run", cli_run, "--device", "cpu", "--k", "10", "--by-activity")

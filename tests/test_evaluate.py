@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from uclr_cli.data.prepared import EvalSplit, load_prepared
+from uclr_cli import layout
+from uclr_cli.data.dataset import EvalSplit, load_prepared
 from uclr_cli.errors import ConfigError, DataError
 from uclr_cli.metrics import rank_candidates
 from uclr_cli.stages import evaluate as ev
@@ -193,7 +194,7 @@ def test_run_folder_without_seeds_is_one_line_error(tiny_data, tmp_path):
     r = run_cli("evaluate", "--data", tiny_data, "--run", missing)
     assert r.exit_code == 1 and str(missing) in r.stderr
     with pytest.raises(DataError, match="seed-"):
-        ev.find_seeds(tmp_path)
+        layout.find_seeds(tmp_path)
 
 
 def test_default_run_folder_is_runs_dataset_name(tiny_data, trained, tmp_path):

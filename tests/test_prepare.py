@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from conftest import SHARED_DOUBAN, run_cli
-from uclr_cli.data.prepared import load_prepared
+from uclr_cli.data.dataset import load_prepared
 from uclr_cli.data.raw import RawDomain
 from uclr_cli.data.split import bucket_index, bucket_labels, build_tables
 from uclr_cli.errors import DataError

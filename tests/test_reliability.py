@@ -29,12 +29,14 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from uclr_cli import checkpoint as ckpt
+from uclr_cli import layout
+from uclr_cli import loop as stage_common
 from uclr_cli.config import PrepareConfig
-from uclr_cli.data import prepare, readers
-from uclr_cli.data.prepared import MANIFEST, load_prepared
-from uclr_cli.errors import CheckpointError
+from uclr_cli.data import readers
+from uclr_cli.data.dataset import MANIFEST, load_prepared
+from uclr_cli.errors import CheckpointError, DataError
 from uclr_cli.lock import LOCK_NAME, RunLock
-from uclr_cli.stages import common as stage_common
+from uclr_cli.stages import prepare
 
 PRE = [
     "--dim",
@@ -147,7 +149,7 @@ def foreign(tiny_data, other_data, tmp_path_factory) -> dict[str, Path]:
     ):
         r = run_cli("pretrain", *PRE, "--epochs", "1", *extra, "--data", data, "--run", root / name)
         assert r.exit_code == 0, r.output
-        out[name] = next((root / name).glob("seed-*")) / ckpt.PRETRAIN
+        out[name] = next((root / name).glob("seed-*")) / layout.PRETRAIN
     return out
 
 
@@ -216,7 +218,7 @@ def test_bad_checkpoint_file_refused_one_line(tiny_data, base_run, tmp_path, kin
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
     marker = tmp_path / "UNPICKLED"
-    target = run / "seed-0" / ckpt.PRETRAIN
+    target = run / "seed-0" / layout.PRETRAIN
     target.write_bytes(_bad_bytes(kind, target.read_bytes(), marker))
     for args in (
         ["contrast", *CON, "--epochs", "1"],
@@ -240,8 +242,8 @@ def test_bad_checkpoint_file_refused_one_line(tiny_data, base_run, tmp_path, kin
 def test_checkpoint_of_other_dataset_seed_stage_refused(tiny_data, base_run, foreign, tmp_path, kind, needle):
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
-    target = run / "seed-0" / ckpt.PRETRAIN
-    src = run / "seed-0" / ckpt.CONTRAST["individual"] if kind == "stage" else foreign[kind]
+    target = run / "seed-0" / layout.PRETRAIN
+    src = run / "seed-0" / layout.CONTRAST["individual"] if kind == "stage" else foreign[kind]
     shutil.copyfile(src, target)
     for args in (["contrast", *CON, "--epochs", "1"], ["evaluate", "--device", "cpu"]):
         one_line_error(run_cli(*args, "--data", tiny_data, "--run", run), needle, str(target))
@@ -251,8 +253,8 @@ def test_checkpoint_of_other_dimension_refused(tiny_data, base_run, foreign, tmp
     """A dim-32 PGE under a dim-16 run: everything built on it names the mismatch; a resume names `dim`."""
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
-    shutil.copyfile(foreign["dim"], run / "seed-0" / ckpt.PRETRAIN)
-    con = run / "seed-0" / ckpt.CONTRAST["individual"]
+    shutil.copyfile(foreign["dim"], run / "seed-0" / layout.PRETRAIN)
+    con = run / "seed-0" / layout.CONTRAST["individual"]
     for args in (
         ["finetune", *FT, "--domain", "music", "--epochs", "1"],
         ["evaluate", "--device", "cpu"],
@@ -261,14 +263,14 @@ def test_checkpoint_of_other_dimension_refused(tiny_data, base_run, foreign, tmp
         line = one_line_error(
             run_cli(*args, "--data", tiny_data, "--run", run), "made from another pretrain checkpoint"
         )
-        assert ckpt.CONTRAST["individual"] in line or ckpt.resume_name(ckpt.CONTRAST["individual"]) in line
+        assert layout.CONTRAST["individual"] in line or layout.resume_name(layout.CONTRAST["individual"]) in line
     assert con.is_file()
     # resuming pretrain with another --dim than its resume state
     shutil.copytree(base_run, tmp_path / "run2")
     r = run_cli(
         "pretrain", *PRE, "--dim", "32", "--epochs", "2", "--resume", "--data", tiny_data, "--run", tmp_path / "run2"
     )
-    one_line_error(r, "other config (dim differ)", ckpt.resume_name(ckpt.PRETRAIN))
+    one_line_error(r, "other config (dim differ)", layout.resume_name(layout.PRETRAIN))
 
 
 # --------------------------------------------------------------------------- 1. non-finite loss
@@ -278,12 +280,12 @@ def test_checkpoint_of_other_dimension_refused(tiny_data, base_run, foreign, tmp
 def test_nan_loss_stops_with_stage_seed_epoch(tiny_data, base_run, tmp_path, stage_args):
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
-    before = (run / "seed-0" / ckpt.PRETRAIN).read_bytes()
+    before = (run / "seed-0" / layout.PRETRAIN).read_bytes()
     args = [*stage_args, "--lr", "1e30", "--epochs", "3"]  # the later --lr wins
     r = run_cli(*args, "--data", tiny_data, "--run", run)
     one_line_error(r, f"non-finite loss in {stage_args[0]}, seed 0, epoch 1", "--resume", "--lr")
     if stage_args[0] == "pretrain":  # the fresh run failed before it saved anything: the old PGE stays
-        assert (run / "seed-0" / ckpt.PRETRAIN).read_bytes() == before
+        assert (run / "seed-0" / layout.PRETRAIN).read_bytes() == before
     all_complete(run)
     assert not (run / LOCK_NAME).exists()
 
@@ -305,13 +307,13 @@ def test_nan_keeps_last_good_checkpoint_and_resume_completes(tiny_data, tmp_path
         one_line_error(run_cli(*args, "--run", tmp_path / "cut"), "non-finite loss in pretrain, seed 0, epoch 3")
     sd = tmp_path / "cut" / "seed-0"
     data = load_prepared(tiny_data)
-    _, meta = ckpt.load(sd / ckpt.PRETRAIN, stage="pretrain", fingerprint=data.fingerprint)
+    _, meta = ckpt.load(sd / layout.PRETRAIN, stage="pretrain", fingerprint=data.fingerprint)
     assert 1 <= meta["epoch"] <= 2
-    state = ckpt.read_header(sd / ckpt.resume_name(ckpt.PRETRAIN))
+    state = ckpt.read_header(sd / layout.resume_name(layout.PRETRAIN))
     assert state["epoch"] == 2 and not state["done"]
     r = run_cli(*args, "--run", tmp_path / "cut", "--resume")
     assert r.exit_code == 0, r.output
-    for name in (ckpt.PRETRAIN, ckpt.resume_name(ckpt.PRETRAIN)):
+    for name in (layout.PRETRAIN, layout.resume_name(layout.PRETRAIN)):
         assert same_tensors(tmp_path / "ref" / "seed-0" / name, sd / name), name
 
 
@@ -323,7 +325,7 @@ def test_resume_after_nan_with_lower_lr(tiny_data, tmp_path, monkeypatch):
         one_line_error(run_cli(*args), "non-finite loss in pretrain, seed 0, epoch 3")
     r = run_cli(*args, "--lr", "0.001", "--resume")
     assert r.exit_code == 0, r.output
-    state = ckpt.read_header(run / "seed-0" / ckpt.resume_name(ckpt.PRETRAIN))
+    state = ckpt.read_header(run / "seed-0" / layout.resume_name(layout.PRETRAIN))
     assert state["epoch"] == 5 and state["config"]["lr"] == 0.001
     # model-shaping settings still may not change on resume
     one_line_error(run_cli(*args, "--dim", "32", "--resume"), "dim differ")
@@ -354,7 +356,7 @@ SIGINT_ARGS = [
 def test_ctrl_c_exits_130_and_resume_matches_uninterrupted(tiny_data, tmp_path):
     args = [*SIGINT_ARGS, "--data", tiny_data]
     ref = uclr(*args, "--run", tmp_path / "ref", cwd=tmp_path)
-    state = tmp_path / "cut" / "seed-0" / ckpt.resume_name(ckpt.PRETRAIN)
+    state = tmp_path / "cut" / "seed-0" / layout.resume_name(layout.PRETRAIN)
     for delay in (0.02, 0.25):  # interrupt twice, at different points of an epoch
         start = state_epoch(state)
         p = uclr(*args, "--run", tmp_path / "cut", *(["--resume"] if state.exists() else []), cwd=tmp_path)
@@ -373,11 +375,11 @@ def test_ctrl_c_exits_130_and_resume_matches_uninterrupted(tiny_data, tmp_path):
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
     p = uclr(*args, "--run", tmp_path / "cut", "--resume", cwd=tmp_path)
     assert p.wait(timeout=300) == 0, p.stderr.read()
-    for name in (ckpt.PRETRAIN, ckpt.resume_name(ckpt.PRETRAIN)):
+    for name in (layout.PRETRAIN, layout.resume_name(layout.PRETRAIN)):
         assert same_tensors(tmp_path / "ref" / "seed-0" / name, tmp_path / "cut" / "seed-0" / name)
     assert (
-        ckpt.read_header(tmp_path / "ref" / "seed-0" / ckpt.PRETRAIN)["epoch"]
-        == ckpt.read_header(tmp_path / "cut" / "seed-0" / ckpt.PRETRAIN)["epoch"]
+        ckpt.read_header(tmp_path / "ref" / "seed-0" / layout.PRETRAIN)["epoch"]
+        == ckpt.read_header(tmp_path / "cut" / "seed-0" / layout.PRETRAIN)["epoch"]
     )
     assert no_temporaries(tmp_path / "cut")
 
@@ -412,8 +414,8 @@ def test_ablate_killed_twice_then_rerun_completes_and_skips(tiny_data, tmp_path)
     ref = uclr(*args, "--run", tmp_path / "ref", cwd=tmp_path)
     cut, sd = tmp_path / "cut", tmp_path / "cut" / "seed-0"
     kill_when = [
-        sd / ckpt.resume_name(ckpt.PRETRAIN),  # in the middle of pretrain
-        sd / ckpt.resume_name(ckpt.CONTRAST["global"]),  # in the middle of the second contrast variant
+        sd / layout.resume_name(layout.PRETRAIN),  # in the middle of pretrain
+        sd / layout.resume_name(layout.CONTRAST["global"]),  # in the middle of the second contrast variant
     ]
     for path, delay in zip(kill_when, (0.05, 0.01)):
         p = uclr(*args, "--run", cut, cwd=tmp_path)
@@ -428,7 +430,7 @@ def test_ablate_killed_twice_then_rerun_completes_and_skips(tiny_data, tmp_path)
         if meta.get("done"):
             best = sd / st_path.name.replace(".resume", "")
             finished[best.name] = best.stat().st_mtime_ns
-    assert ckpt.PRETRAIN in finished, "the kill came before pretrain finished; kill later"
+    assert layout.PRETRAIN in finished, "the kill came before pretrain finished; kill later"
     assert len(finished) < 7, "the ablation finished before it was killed; make it longer"
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
     p = uclr(*args, "--run", cut, cwd=tmp_path)
@@ -438,7 +440,8 @@ def test_ablate_killed_twice_then_rerun_completes_and_skips(tiny_data, tmp_path)
     assert err.count("(done, skipped)") >= len(finished)
     for name, stamp in finished.items():
         assert (sd / name).stat().st_mtime_ns == stamp, f"{name} was complete but was retrained"
-    names = [ckpt.PRETRAIN, *ckpt.CONTRAST.values(), *(ckpt.finetune_name(d) for d in ("books", "movies", "music"))]
+    finetuned = [layout.finetune_name(d) for d in ("books", "movies", "music")]
+    names = [layout.PRETRAIN, *layout.CONTRAST.values(), *finetuned]
     for name in names:
         assert same_tensors(tmp_path / "ref" / "seed-0" / name, sd / name), name
     assert no_temporaries(cut) and not (cut / LOCK_NAME).exists()
@@ -543,7 +546,9 @@ def test_two_training_commands_at_once(tiny_data, base_run, tmp_path):
     )
     try:
         wait_for(
-            lambda: (run / LOCK_NAME).exists() and state_epoch(run / "seed-0" / ckpt.resume_name(ckpt.PRETRAIN)) >= 3
+            lambda: (
+                (run / LOCK_NAME).exists() and state_epoch(run / "seed-0" / layout.resume_name(layout.PRETRAIN)) >= 3
+            )
         )
         r = run_cli("contrast", *CON, "--epochs", "1", "--data", tiny_data, "--run", run)
         one_line_error(r, f"run folder is in use by process {p.pid} (uclr pretrain)")
@@ -813,8 +818,8 @@ def test_tampered_manifest_names_refused(tiny_data, tmp_path):
             ["evaluate", "--run", tmp_path / "r"],
         ):
             one_line_error(run_cli(*args, "--data", data), f"bad {'domain' if key == 'domain' else 'dataset'} name")
-    with pytest.raises(CheckpointError):
-        ckpt.finetune_name("../x")
+    with pytest.raises(DataError, match="bad domain name"):
+        layout.finetune_name("../x")
 
 
 # --------------------------------------------------------------------------- 2. config files and options
@@ -935,7 +940,7 @@ def test_disk_full_while_saving_checkpoint_keeps_previous(tiny_data, base_run, t
     # a fresh run that would overwrite the PGE: the first save fails, the old files stay as they were
     monkeypatch.setattr(ckpt, "save_file", full_after(0))
     r = run_cli("pretrain", *PRE, "--epochs", "3", "--seed", "0", "--data", tiny_data, "--run", run)
-    one_line_error(r, "cannot write checkpoint: no space left on device", str(sd / ckpt.PRETRAIN))
+    one_line_error(r, "cannot write checkpoint: no space left on device", str(sd / layout.PRETRAIN))
     assert {p.name: p.read_bytes() for p in sd.iterdir()} == before
     # a run that fills the disk in its second epoch: epoch 1 is complete and --resume continues
     calls.clear()
@@ -949,13 +954,13 @@ def test_disk_full_while_saving_checkpoint_keeps_previous(tiny_data, base_run, t
         "pretrain", *PRE, "--epochs", "4", "--patience", "10", "--data", tiny_data, "--run", tmp_path / "r2", "--resume"
     )
     assert r.exit_code == 0, r.output
-    assert ckpt.read_header(tmp_path / "r2" / "seed-0" / ckpt.resume_name(ckpt.PRETRAIN))["epoch"] == 4
+    assert ckpt.read_header(tmp_path / "r2" / "seed-0" / layout.resume_name(layout.PRETRAIN))["epoch"] == 4
 
 
 def test_disk_full_while_writing_config_json(tiny_data, base_run, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
-    before = (run / ckpt.CONFIG).read_bytes()
+    before = (run / layout.CONFIG).read_bytes()
     real = os.fsync
 
     def fsync(fd):  # the disk is full when config.json is flushed
@@ -965,8 +970,8 @@ def test_disk_full_while_writing_config_json(tiny_data, base_run, tmp_path, monk
 
     monkeypatch.setattr(os, "fsync", fsync)
     r = run_cli("pretrain", *PRE, "--epochs", "1", "--data", tiny_data, "--run", run)
-    one_line_error(r, "no space left on device", str(run / ckpt.CONFIG))
-    assert (run / ckpt.CONFIG).read_bytes() == before and no_temporaries(run)
+    one_line_error(r, "no space left on device", str(run / layout.CONFIG))
+    assert (run / layout.CONFIG).read_bytes() == before and no_temporaries(run)
     assert not (run / LOCK_NAME).exists()
 
 
@@ -1024,4 +1029,4 @@ def test_run_and_data_folders_can_move(tiny_data, tmp_path, monkeypatch):
     assert {row["model"] for row in json.loads(r.stdout)["rows"]} >= {"PGE", "PGE+UCL-AE", "UCLR"}
     r = run_cli(*ft, "--resume", "--data", b / "data", "--run", b / "run")
     assert r.exit_code == 0, r.output
-    assert ckpt.read_header(b / "run" / "seed-0" / ckpt.resume_name(ckpt.finetune_name("music")))["epoch"] == 3
+    assert ckpt.read_header(b / "run" / "seed-0" / layout.resume_name(layout.finetune_name("music")))["epoch"] == 3

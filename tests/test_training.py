@@ -16,11 +16,13 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from uclr_cli import checkpoint as ckpt
+from uclr_cli import layout, registry
+from uclr_cli import trained as tr
 from uclr_cli.config import ContrastConfig, FinetuneConfig, PretrainConfig
-from uclr_cli.data.prepared import load_prepared
+from uclr_cli.data.dataset import load_prepared
 from uclr_cli.errors import CheckpointError, DataError
 from uclr_cli.metrics import positive_ranks, summarize
-from uclr_cli.stages import contrast, finetune, pretrain, variants
+from uclr_cli.stages import contrast, finetune, pretrain
 
 FAST_PRE = dict(dim=16, batch_size=256, lr=0.01, epochs=12, patience=3, device="cpu")
 FAST_CON = dict(batch_size=64, lr=0.003, epochs=4, patience=2, device="cpu", hidden=[16, 8])
@@ -63,13 +65,13 @@ def test_pretrain_beats_random_and_pop(data, trained):
 def test_checkpoints_and_variants(data, trained):
     run, res = trained
     sd = run / "seed-0"
-    for name in (ckpt.PRETRAIN, *ckpt.CONTRAST.values(), *(ckpt.finetune_name(d) for d in data.domains)):
+    for name in (layout.PRETRAIN, *layout.CONTRAST.values(), *(layout.finetune_name(d) for d in data.domains)):
         assert (sd / name).is_file(), name
         meta = ckpt.read_header(sd / name)
         assert meta["dataset"] == data.fingerprint and meta["seed"] == 0 and "config" in meta
-    assert variants.available(sd, data) == list(variants.VARIANTS)
-    for v in variants.VARIANTS:
-        vecs = variants.vectors(sd, v, data, torch.device("cpu"))
+    assert tr.available(sd, data) == list(registry.VARIANTS)
+    for v in registry.VARIANTS:
+        vecs = tr.vectors(sd, v, data, torch.device("cpu"))
         assert set(vecs) == set(data.domains)
 
 
@@ -90,11 +92,11 @@ def test_tau_individual_moves_and_stays_in_bounds(data, trained):
 def test_finetune_keeps_base_and_starts_from_contrast(data, trained):
     run, res = trained
     sd = run / "seed-0"
-    pre = load_file(str(sd / ckpt.PRETRAIN))
+    pre = load_file(str(sd / layout.PRETRAIN))
     d = data.domains[0]
-    t = load_file(str(sd / ckpt.finetune_name(d)))
+    t = load_file(str(sd / layout.finetune_name(d)))
     assert "user_emb" not in t and "lora_a" in t and "lora_b" in t  # adapter saved apart from the frozen base
-    assert torch.equal(load_file(str(sd / ckpt.PRETRAIN))["user_emb"], pre["user_emb"])
+    assert torch.equal(load_file(str(sd / layout.PRETRAIN))["user_emb"], pre["user_emb"])
     # epoch 0 of finetune == the UCL-AE model on that domain
     r = res["ft"][0]
     assert r.best_score >= res["individual"].per_domain[d] - 1e-9
@@ -128,7 +130,7 @@ def test_pretrain_continued_with_more_epochs_equals_one_run(data, tmp_path, opti
     assert cut.epochs_run == ref.epochs_run == 4 and ref.best_epoch == cut.best_epoch
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the resume state carries the moments: m only where there is momentum
-    state = load_file(str(tmp_path / "cut" / "seed-0" / ckpt.resume_name(ckpt.PRETRAIN)))
+    state = load_file(str(tmp_path / "cut" / "seed-0" / layout.resume_name(layout.PRETRAIN)))
     assert ("opt.m" in state) == (optimizer == "rowwise-adam")
 
 
@@ -139,7 +141,7 @@ def test_missing_earlier_stage_refused(data, tmp_path):
 
 def test_checkpoint_mismatch_refused(data, trained, tmp_path):
     run, _ = trained
-    path = run / "seed-0" / ckpt.PRETRAIN
+    path = run / "seed-0" / layout.PRETRAIN
     with pytest.raises(CheckpointError, match="stage 'pretrain', expected 'contrast'"):
         ckpt.load(path, stage="contrast")
     with pytest.raises(CheckpointError, match="another dataset"):
@@ -187,7 +189,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_data, tmp_path, stage_a
     common = [*stage_args, "--data", tiny_data, "--device", "cpu"]
     ref = _uclr(*common, "--run", tmp_path / "ref", cwd=tmp_path)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
-    state = tmp_path / "cut" / "seed-0" / ckpt.resume_name(ckpt.PRETRAIN)
+    state = tmp_path / "cut" / "seed-0" / layout.resume_name(layout.PRETRAIN)
     for delay in (0.05, 0.3):  # kill twice, at different points after an epoch checkpoint
         p = _uclr(*common, "--run", tmp_path / "cut", *(["--resume"] if state.exists() else []), cwd=tmp_path)
         deadline = time.time() + 120
@@ -200,12 +202,12 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_data, tmp_path, stage_a
     assert not ckpt.read_header(state)["done"], "the run finished before it could be killed; make it longer"
     p = _uclr(*common, "--run", tmp_path / "cut", "--resume", cwd=tmp_path)
     assert p.wait(timeout=300) == 0, p.stderr.read()
-    a = load_file(str(tmp_path / "ref" / "seed-0" / ckpt.PRETRAIN))
-    b = load_file(str(tmp_path / "cut" / "seed-0" / ckpt.PRETRAIN))
+    a = load_file(str(tmp_path / "ref" / "seed-0" / layout.PRETRAIN))
+    b = load_file(str(tmp_path / "cut" / "seed-0" / layout.PRETRAIN))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (
-        ckpt.read_header(tmp_path / "ref" / "seed-0" / ckpt.PRETRAIN)["epoch"]
-        == ckpt.read_header(tmp_path / "cut" / "seed-0" / ckpt.PRETRAIN)["epoch"]
+        ckpt.read_header(tmp_path / "ref" / "seed-0" / layout.PRETRAIN)["epoch"]
+        == ckpt.read_header(tmp_path / "cut" / "seed-0" / layout.PRETRAIN)["epoch"]
     )
     assert not list((tmp_path / "cut" / "seed-0").glob(".*tmp*"))
 
@@ -220,15 +222,15 @@ def test_resume_contrast_and_finetune_in_process(data, tmp_path):
     contrast.run_seed(full, data, tmp_path / "a", 0)
     contrast.run_seed(ContrastConfig(**{**FAST_CON, "epochs": 2, "patience": 10}), data, tmp_path / "b", 0)
     # rewrite the resume state's config as if the run had been the 4-epoch one, then resume
-    state = tmp_path / "b" / "seed-0" / ckpt.resume_name(ckpt.CONTRAST["individual"])
+    state = tmp_path / "b" / "seed-0" / layout.resume_name(layout.CONTRAST["individual"])
     t = load_file(str(state))
     meta = ckpt.read_header(state)
     meta["config"] = full.model_dump(mode="json", exclude={"data", "run", "seeds"})
     meta["done"] = False
     ckpt.save(state, t, {k: v for k, v in meta.items() if k not in ("format_version", "package_version")})
     contrast.run_seed(full, data, tmp_path / "b", 0, resume=True)
-    a = load_file(str(tmp_path / "a" / "seed-0" / ckpt.CONTRAST["individual"]))
-    b = load_file(str(tmp_path / "b" / "seed-0" / ckpt.CONTRAST["individual"]))
+    a = load_file(str(tmp_path / "a" / "seed-0" / layout.CONTRAST["individual"]))
+    b = load_file(str(tmp_path / "b" / "seed-0" / layout.CONTRAST["individual"]))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -254,7 +256,7 @@ def test_cli_chain_config_and_summary(tiny_data, tmp_path):
     assert r.exit_code == 0, r.output
     resolved = json.loads((run / "config.json").read_text())
     assert resolved["pretrain"]["epochs"] == 1 and resolved["pretrain"]["dim"] == 16  # flag wins, file fills in
-    assert "best validation NDCG@10" in r.stdout and (run / "seed-1" / ckpt.PRETRAIN).is_file()
+    assert "best validation NDCG@10" in r.stdout and (run / "seed-1" / layout.PRETRAIN).is_file()
     r = run_cli(
         "contrast",
         "--data",
@@ -290,7 +292,7 @@ def test_cli_chain_config_and_summary(tiny_data, tmp_path):
         "cpu",
     )
     assert r.exit_code == 0, r.output
-    assert (run / "seed-1" / ckpt.finetune_name("music")).is_file()
+    assert (run / "seed-1" / layout.finetune_name("music")).is_file()
 
 
 @pytest.mark.parametrize(
@@ -348,11 +350,11 @@ def test_resume_state_written_at_most_every_save_every_seconds(data, tmp_path, m
     res = pretrain.run_seed(
         PretrainConfig(**{**FAST_PRE, "epochs": 5, "patience": 10, "save_every": 3600}), data, tmp_path / "a", 0
     )
-    assert saved == [(ckpt.PRETRAIN, res.best_epoch), (ckpt.resume_name(ckpt.PRETRAIN), 5)]
+    assert saved == [(layout.PRETRAIN, res.best_epoch), (layout.resume_name(layout.PRETRAIN), 5)]
     saved.clear()
     ref = pretrain.run_seed(
         PretrainConfig(**{**FAST_PRE, "epochs": 5, "patience": 10, "save_every": 0}), data, tmp_path / "b", 0
     )
-    assert [e for name, e in saved if name != ckpt.PRETRAIN] == [1, 2, 3, 4, 5]
+    assert [e for name, e in saved if name != layout.PRETRAIN] == [1, 2, 3, 4, 5]
     a, b = load_file(str(res.path)), load_file(str(ref.path))
     assert all(torch.equal(a[k], b[k]) for k in a) and ref.best_epoch == res.best_epoch

@@ -12,38 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from uclr_cli import __version__
+from uclr_cli import __version__, layout
 from uclr_cli.errors import CheckpointError, os_reason
 from uclr_cli.files import atomic_write
 
 FORMAT_VERSION = "1"
-PRETRAIN = "pretrain.safetensors"
-#: contrast checkpoints by temperature mode; `individual` is the UCLR path.
-CONTRAST = {
-    "individual": "contrast.safetensors",
-    "global": "contrast-global.safetensors",
-    "none": "contrast-none.safetensors",
-}
-CONFIG = "config.json"
-
-
-_SAFE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
-_SEED_DIR = re.compile(r"seed-(\d+)")
 DIGEST = "content_sha256"
-
-
-def finetune_name(domain: str) -> str:
-    """``finetune-<domain>.safetensors``; a domain name that is not a plain file-name part is refused."""
-    if not isinstance(domain, str) or not _SAFE_NAME.fullmatch(domain):
-        raise CheckpointError(f"unsafe domain name {domain!r} for a checkpoint file name", "--domain")
-    return f"finetune-{domain}.safetensors"
 
 
 def content_digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
@@ -56,16 +36,6 @@ def content_digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
-
-
-def baseline_name(name: str, domain: str) -> str:
-    """A single-domain baseline's checkpoint, e.g. ``baseline-neumf-books.safetensors``."""
-    return f"baseline-{name}-{domain}.safetensors"
-
-
-def resume_name(name: str) -> str:
-    """The per-epoch resume state that goes with a checkpoint name."""
-    return name.replace(".safetensors", ".resume.safetensors")
 
 
 def save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -135,8 +105,8 @@ def load(
         raise CheckpointError(f"checkpoint is of stage '{meta.get('stage')}', expected '{stage}'", path)
     if fingerprint is not None and meta.get("dataset") != fingerprint:
         raise CheckpointError("checkpoint was trained on another dataset (fingerprint differs)", path)
-    folder = _SEED_DIR.fullmatch(path.parent.name)
-    if folder and isinstance(meta.get("seed"), int) and meta["seed"] != int(folder.group(1)):
+    folder = layout.seed_of(path.parent)
+    if folder is not None and isinstance(meta.get("seed"), int) and meta["seed"] != folder:
         raise CheckpointError(f"checkpoint is of seed {meta['seed']} but lies in {path.parent.name}", path)
     for key, want in (expect or {}).items():
         got = meta.get(key)

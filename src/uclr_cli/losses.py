@@ -30,6 +30,14 @@ def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return F.softplus(neg - pos).mean()
 
 
+def bpr_objective(eu: torch.Tensor, ip: torch.Tensor, ineg: torch.Tensor, reg: float) -> torch.Tensor:
+    """BPR plus L2 on the rows used in the batch (λ·mean of squared norms)."""
+    loss = bpr_loss((eu * ip).sum(1), (eu * ineg).sum(1))
+    if reg:
+        loss = loss + reg * (eu.pow(2).sum(1) + ip.pow(2).sum(1) + ineg.pow(2).sum(1)).mean()
+    return loss
+
+
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over rows of the squared L2 error ‖recon - target‖²."""
     return (recon - target).pow(2).sum(dim=1).mean()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from uclr_cli import registry
+
 
 def prepare_table(manifest: dict) -> list[Table]:
     """Per-domain counts and the activity histogram (users by train interactions)."""
@@ -130,7 +132,7 @@ def eval_tables(report, by_activity: bool = False, models: list[str] | None = No
         for j, m in enumerate(present):
             first = f"{d} ({n_users:,})" if j == 0 else ""
             # a rule between the blocks of Table 2: floors | single-domain baselines | ours
-            end = j + 1 < len(present) and _block(present[j + 1]) != _block(m)
+            end = j + 1 < len(present) and registry.block(present[j + 1]) != registry.block(m)
             t.add_row(
                 first, m, *seeds_cell(d, m, "all"), *_eval_metric_cells(cells, best, d, m, "all", cols), end_section=end
             )
@@ -167,12 +169,6 @@ def eval_tables(report, by_activity: bool = False, models: list[str] | None = No
                     )
         tables.append(a)
     return tables
-
-
-def _block(model: str) -> int:
-    from uclr_cli.stages.evaluate import BASELINES, FLOORS
-
-    return 0 if model in FLOORS else 1 if model in BASELINES else 2
 
 
 def eval_json(report) -> str:

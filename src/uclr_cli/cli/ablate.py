@@ -7,12 +7,12 @@ from pathlib import Path
 import typer
 
 from uclr_cli import config as cfgmod
+from uclr_cli import pipeline as stage
 from uclr_cli.cli import common, training
 from uclr_cli.config import ContrastConfig, FinetuneConfig, PretrainConfig
-from uclr_cli.data.prepared import load_prepared
+from uclr_cli.data.dataset import load_prepared
 from uclr_cli.errors import ConfigError
 from uclr_cli.lock import RunLock
-from uclr_cli.stages import ablate as stage
 
 SECTIONS = {"pretrain": PretrainConfig, "contrast": ContrastConfig, "finetune": FinetuneConfig}
 TOP = {"seeds", "domains", "device", "data", "run"}
@@ -112,8 +112,8 @@ def _check_top(key: str, value, config: Path | None) -> None:
 def show_ablation(ds, run_dir: Path, ks: list[int], device: str) -> None:
     """The Table 4 layout: rows domain x variant (floors first), test metrics mean ± std over seeds."""
     from uclr_cli import report
+    from uclr_cli.registry import VARIANTS
     from uclr_cli.stages import evaluate
-    from uclr_cli.stages.variants import VARIANTS
 
     result = evaluate.run(ds, run_dir, split="test", ks=ks, device=device, variants=list(VARIANTS))
     for w in result.warnings:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from uclr_cli import registry
 from uclr_cli.cli import common, training
 from uclr_cli.config import BaselineConfig
 from uclr_cli.errors import ConfigError
@@ -53,8 +54,8 @@ def baseline(
 ) -> None:
     """Train a single-domain baseline on each domain's train interactions (scored by `uclr evaluate`)."""
     kind = name.strip().lower()
-    if kind not in stage.NAMES:
-        raise ConfigError(f"unknown baseline '{name}'; choose one of {', '.join(stage.NAMES)}", "NAME")
+    if kind not in registry.BASELINES:
+        raise ConfigError(f"unknown baseline '{name}'; choose one of {', '.join(registry.BASELINES)}", "NAME")
     cli = dict(
         model=kind,
         domain=domain,

@@ -8,7 +8,7 @@ import typer
 
 from uclr_cli import report
 from uclr_cli.cli import common, training
-from uclr_cli.data.prepared import load_prepared
+from uclr_cli.data.dataset import load_prepared
 from uclr_cli.data.split import DEFAULT_BUCKETS
 from uclr_cli.stages import evaluate as stage
 

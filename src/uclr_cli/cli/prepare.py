@@ -10,7 +10,7 @@ import typer
 from uclr_cli import config as cfgmod
 from uclr_cli import report
 from uclr_cli.cli import common
-from uclr_cli.data import prepare as stage
+from uclr_cli.stages import prepare as stage
 
 
 def prepare(

@@ -14,11 +14,12 @@ from rich.table import Table
 
 from uclr_cli import checkpoint as ckpt
 from uclr_cli import config as cfgmod
+from uclr_cli import layout
 from uclr_cli.cli import common
-from uclr_cli.data.prepared import MANIFEST, load_prepared
+from uclr_cli.data.dataset import MANIFEST, load_prepared
 from uclr_cli.errors import ConfigError, DataError
 from uclr_cli.lock import RunLock
-from uclr_cli.stages.common import EpochEvent, SeedResult
+from uclr_cli.loop import EpochEvent, SeedResult
 
 PROJECT_FILE = "uclr.toml"
 
@@ -76,7 +77,7 @@ def resolve(model: type[cfgmod.StageConfig], cli_values: dict[str, Any], config_
 def check_rank(rank: int, run_dir: Path, seeds: list[int], where: str) -> None:
     """LoRA rank must not exceed the PGE dimension, read from each seed's pretrain header (before any work)."""
     for s in seeds:
-        path = Path(run_dir) / f"seed-{s}" / ckpt.PRETRAIN
+        path = Path(run_dir) / f"seed-{s}" / layout.PRETRAIN
         if not path.is_file():
             continue  # the stage reports the missing checkpoint
         dim = ckpt.read_header(path).get("dim")
@@ -88,7 +89,7 @@ def check_rank(rank: int, run_dir: Path, seeds: list[int], where: str) -> None:
 
 def write_config(run_dir: Path, stage: str, cfg: cfgmod.StageConfig, data) -> None:
     """Record the resolved config in RUN/config.json before training starts."""
-    path = run_dir / ckpt.CONFIG
+    path = run_dir / layout.CONFIG
     payload: dict = {}
     if path.is_file():
         import json

@@ -26,6 +26,7 @@ import polars as pl
 
 from uclr_cli.data.raw import RAW_SCHEMA, RawDomain
 from uclr_cli.errors import DataError
+from uclr_cli.layout import is_domain_name
 
 # Polars turns internal panics into pyo3's PanicException, a BaseException.
 _PanicException = getattr(pl.exceptions, "PanicException", Exception)
@@ -105,7 +106,7 @@ def safe_domain_name(name: str, where) -> str:
     s = re.sub(r"[^a-z0-9_-]", "", s)
     s = _NAME_ALIASES.get(s, s)
     s = s.lstrip("_-")[:_MAX_NAME]
-    if not s or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", s):
+    if not is_domain_name(s):
         raise DataError(f"bad domain name {_short(name)!r}", where)
     return s
 

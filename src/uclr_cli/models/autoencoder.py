@@ -54,3 +54,13 @@ def mask_elements(x: torch.Tensor, ratio: float, gen: torch.Generator) -> torch.
     """Zero each entry independently with probability ``ratio``."""
     keep = torch.rand(x.shape, generator=gen, device=gen.device).to(x.device) >= ratio
     return x * keep.to(x.dtype)
+
+
+def ae_tensors(ae: AutoEncoder) -> dict[str, torch.Tensor]:
+    """The autoencoder's weights under ``ae.*`` names (one checkpoint holds several parts)."""
+    return {f"ae.{k}": v for k, v in ae.state_dict().items()}
+
+
+def load_ae(ae: AutoEncoder, t: dict[str, torch.Tensor]) -> None:
+    """Load the ``ae.*`` tensors of a checkpoint into ``ae``."""
+    ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})

@@ -20,26 +20,22 @@ early stopping, refusal of another stage, dataset or shape on load.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from uclr_cli import checkpoint as ckpt
+from uclr_cli import layout, loop
 from uclr_cli.config import BASELINE_OPTIONS, BaselineConfig
-from uclr_cli.data.prepared import Dataset, sha256_file
-from uclr_cli.errors import CheckpointError, DataError
+from uclr_cli.data.dataset import Dataset, sha256_file
+from uclr_cli.errors import CheckpointError
 from uclr_cli.losses import bpr_loss
-from uclr_cli.metrics import default_chunk, positive_ranks, rank_candidates, summarize
-from uclr_cli.models.baselines import BPRMF, LightGCN, NeuMF, SingleDomainModel, normalized_graph
+from uclr_cli.models.baselines import LightGCN, NeuMF, SingleDomainModel
 from uclr_cli.optim import BPRRowAdam, RowAdam, load_torch_optimizer_tensors, torch_optimizer_tensors
-from uclr_cli.stages import common
-from uclr_cli.stages.pretrain import NegativeSampler
+from uclr_cli.sampling import NegativeSampler
+from uclr_cli.trained import baseline_valid_score, build_baseline, load_baseline
 
-#: command-line names -> the names in evaluate's tables (paper's Table 2)
-DISPLAY = {"bprmf": "BPRMF", "neumf": "NeuMF", "lightgcn": "LightGCN"}
-NAMES = tuple(DISPLAY)
 #: NeuMF's towers, trained alone first with ``pretrain_towers``
 TOWERS = ("gmf", "mlp")
 #: weight of the GMF tower in the output layer of a NeuMF started from its towers (He et al., 2017)
@@ -63,69 +59,6 @@ def model_config(cfg: BaselineConfig, kind: str) -> dict:
     """The part of ``cfg`` that ``kind`` reads: what its checkpoints record and what resume checks."""
     skip = {"data", "run", "seeds", "domain", "model", *(set(BASELINE_OPTIONS) - set(_OWN[kind]))}
     return {"model": kind, **cfg.model_dump(mode="json", exclude=skip)}
-
-
-def domain_graph(data: Dataset, d: int, device) -> torch.Tensor:
-    """LightGCN's normalised user-item graph of domain ``d``'s train interactions, on ``device``."""
-    lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
-    sel = data.train_domain == d
-    return normalized_graph(
-        data.train_user[sel].to(device), data.train_item[sel].to(device) - lo, data.n_users, hi - lo
-    )
-
-
-def build_model(
-    kind: str, conf: dict, data: Dataset, d: int, device, gen: torch.Generator | None = None
-) -> SingleDomainModel:
-    """A fresh model of ``kind`` for domain ``d`` from a :func:`model_config` dict (initialised from ``gen``)."""
-    lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
-    shape = (data.n_users, hi - lo, lo, conf["dim"])
-    if gen is None:
-        gen = torch.Generator().manual_seed(0)
-    if kind == "bprmf":
-        model = BPRMF(*shape, init_std=conf["init_std"], gen=gen)
-    elif kind in ("neumf", "gmf", "mlp"):
-        model = NeuMF(*shape, conf.get("mlp_layers", [1]), kind=kind, init_std=conf["init_std"], gen=gen)
-    elif kind == "lightgcn":
-        model = LightGCN(*shape, conf["layers"], domain_graph(data, d, device), init_std=conf["init_std"], gen=gen)
-    else:
-        raise ValueError(f"unknown baseline {kind!r}")
-    return model.to(device)
-
-
-@torch.no_grad()
-def rank_model(
-    model: SingleDomainModel, users: torch.Tensor, pos: torch.Tensor, negs: torch.Tensor, chunk: int | None = None
-) -> torch.Tensor:
-    """Rank (R,) of each row's positive among its candidates under ``model`` (ties against it).
-
-    Dot-product models go through :func:`uclr_cli.metrics.rank_candidates`
-    (the fast path); others through their scorer, ``chunk`` rows at a time.
-    """
-    lo, hi = model.item_offset, model.item_offset + model.n_items
-    if len(users) and (min(int(pos.min()), int(negs.min())) < lo or max(int(pos.max()), int(negs.max())) >= hi):
-        raise DataError(f"candidates outside the model's domain items [{lo}, {hi})", "candidates")
-    tables = model.tables()
-    if tables is not None:
-        u, it = tables
-        return rank_candidates(u, it, users, pos - lo, negs - lo, chunk)
-    fn = model.scorer()
-    chunk = chunk or default_chunk(users.device)
-    out = []
-    for s in range(0, len(users), chunk):
-        cand = torch.cat([pos[s : s + chunk].unsqueeze(1), negs[s : s + chunk]], dim=1)
-        scores = fn(users[s : s + chunk], cand)
-        out.append(positive_ranks(scores[:, 0], scores[:, 1:]))
-    return torch.cat(out) if out else torch.empty((0,), dtype=torch.int64, device=users.device)
-
-
-def valid_score(model: SingleDomainModel, data: Dataset, domain: str, k: int = 10) -> float:
-    """NDCG@k on the domain's fixed validation candidates (NaN without rows)."""
-    dev = next(model.parameters()).device
-    ev = data.valid[domain].to(dev)
-    if len(ev.users) == 0:
-        return math.nan
-    return float(summarize(rank_model(model, ev.users, ev.pos, ev.negs), [k])[("ndcg", k)])
 
 
 class _Optimizers:
@@ -194,8 +127,8 @@ def run_domain(
     *,
     kind: str | None = None,
     resume: bool = False,
-    progress: common.Progress | None = None,
-) -> common.SeedResult:
+    progress: loop.Progress | None = None,
+) -> loop.SeedResult:
     """Train baseline ``kind`` (default ``cfg.model``) for one seed on one domain.
 
     Writes ``seed-<s>/baseline-<kind>-<domain>.safetensors`` (best epoch on
@@ -204,35 +137,35 @@ def run_domain(
     kind = kind or cfg.model
     if kind not in _KINDS:
         raise ValueError(f"unknown baseline {kind!r}")
-    device = common.resolve_device(cfg.device)
+    device = loop.resolve_device(cfg.device)
     d = data.domain_index(domain)
     domain = data.domains[d]
     lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
     stage = stage_name(kind)
-    out_dir = common.seed_dir(run_dir, seed)
-    name = ckpt.baseline_name(kind, domain)
-    best_path, state_path = out_dir / name, out_dir / ckpt.resume_name(name)
+    out_dir = layout.seed_dir(run_dir, seed)
+    name = layout.baseline_name(kind, domain)
+    best_path, state_path = out_dir / name, out_dir / layout.resume_name(name)
     config = model_config(cfg, kind)
-    timer = common.Timer()
+    timer = loop.Timer()
 
     towers: dict[str, str] = {}
     if kind == "neumf" and cfg.pretrain_towers:  # GMF and MLP alone first, each with its own checkpoint
         for t in TOWERS:
             run_domain(cfg, data, run_dir, seed, domain, kind=t, resume=resume, progress=progress)
-            towers[t] = sha256_file(out_dir / ckpt.baseline_name(t, domain))
+            towers[t] = sha256_file(out_dir / layout.baseline_name(t, domain))
     k = _KINDS.index(kind)
     init_gen = torch.Generator().manual_seed(seed * 7919 + 101 * d + k)
-    model = build_model(kind, config, data, d, device, init_gen)
+    model = build_baseline(kind, config, data, d, device, init_gen)
     if towers:
-        model.init_from_towers(*(load_model(out_dir, t, data, domain, device) for t in TOWERS), alpha=ALPHA)
+        model.init_from_towers(*(load_baseline(out_dir, t, data, domain, device) for t in TOWERS), alpha=ALPHA)
     opt = _Optimizers(kind, model, cfg)
-    gen = common.generator(device, seed, 100 + 8 * d + k)
+    gen = loop.generator(device, seed, 100 + 8 * d + k)
     meta_extra = dict(domain=domain, dim=cfg.dim, n_users=data.n_users, item_offset=lo, n_items=hi - lo)
     if towers:
         meta_extra["towers_sha256"] = towers
 
     def save(path: Path, stage_: str, epoch: int, best: float, tensors: dict, **extra) -> None:
-        meta = common.base_meta(stage_, data, seed, config, epoch=epoch, best_score=best, **meta_extra, **extra)
+        meta = loop.base_meta(stage_, data, seed, config, epoch=epoch, best_score=best, **meta_extra, **extra)
         ckpt.save(path, tensors, meta)
 
     start, best, best_epoch, bad = 1, -math.inf, 0, 0
@@ -264,7 +197,7 @@ def run_domain(
     epochs_run = start - 1
     for epoch in range(start, cfg.epochs + 1):
         epochs_run = epoch
-        t0 = common.Timer()
+        t0 = loop.Timer()
         perm = torch.randperm(n, generator=gen, device=device)
         total = torch.zeros((), device=device)
         model.train()
@@ -287,13 +220,13 @@ def run_domain(
                 opt.step()
             total += loss.detach() * len(idx)
         epoch_loss = float(total) / max(n, 1)
-        common.check_finite(epoch_loss, f"{stage} {domain}", seed, epoch)
+        loop.check_finite(epoch_loss, f"{stage} {domain}", seed, epoch)
         speed = n / max(t0.elapsed(), 1e-9)
 
         score = None
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             model.eval()
-            score = valid_score(model, data, domain)
+            score = baseline_valid_score(model, data, domain)
             if score > best:
                 best, best_epoch, bad = score, epoch, 0
                 save(best_path, stage, epoch, best, model.tensors())
@@ -304,7 +237,7 @@ def run_domain(
         save(state_path, stage + "-resume", epoch, best, state, best_epoch=best_epoch, bad=bad, done=done)
         if progress:
             progress(
-                common.EpochEvent(
+                loop.EpochEvent(
                     f"{stage} {domain}", seed, epoch, cfg.epochs, epoch_loss, score, speed, best, best_epoch
                 )
             )
@@ -313,9 +246,9 @@ def run_domain(
 
     if not best_path.is_file():  # zero epochs: save the initial model
         model.eval()
-        best, best_epoch = valid_score(model, data, domain), 0
+        best, best_epoch = baseline_valid_score(model, data, domain), 0
         save(best_path, stage, 0, best, model.tensors())
-    return common.SeedResult(
+    return loop.SeedResult(
         f"{stage} {domain}",
         seed,
         best_path,
@@ -350,36 +283,3 @@ def neumf_objective(
     if reg:
         loss = loss + reg * (sq_pos.sum() + sq_neg.sum()) / n
     return loss
-
-
-def load_model(seed_dir: Path, kind: str, data: Dataset, domain: str, device) -> SingleDomainModel:
-    """The trained baseline ``kind`` of ``domain``, checked against the dataset, domain and shapes."""
-    d = data.domain_index(domain)
-    lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
-    path = Path(seed_dir) / ckpt.baseline_name(kind, domain)
-    expect = {"domain": domain, "n_users": data.n_users, "item_offset": lo, "n_items": hi - lo}
-    t, meta = ckpt.load(path, stage=stage_name(kind), fingerprint=data.fingerprint, expect=expect)
-    conf = meta.get("config")
-    if not isinstance(conf, dict) or conf.get("dim") != meta.get("dim") or conf.get("model") != kind:
-        raise CheckpointError("checkpoint metadata is inconsistent (config, dim or model)", path)
-    model = build_model(kind, conf, data, d, device)
-    try:
-        model.load_tensors(t)
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint does not match its model ({e})", path) from None
-    model.eval()
-    return model
-
-
-def available(seed_dir: Path, data: Dataset) -> list[str]:
-    """Display names of the baselines with a checkpoint for at least one domain in ``seed_dir``."""
-    seed_dir = Path(seed_dir)
-    return [DISPLAY[k] for k in NAMES if any((seed_dir / ckpt.baseline_name(k, d)).is_file() for d in data.domains)]
-
-
-def models(seed_dir: Path, display: str, data: Dataset, device) -> Iterator[tuple[str, SingleDomainModel]]:
-    """(domain, model) of baseline ``display`` (e.g. "NeuMF") per domain it was trained on, loaded one at a time."""
-    kind = next(k for k, v in DISPLAY.items() if v == display)
-    for d in data.domains:
-        if (Path(seed_dir) / ckpt.baseline_name(kind, d)).is_file():
-            yield d, load_model(seed_dir, kind, data, d, device)

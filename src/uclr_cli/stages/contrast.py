@@ -14,91 +14,15 @@ from pathlib import Path
 import torch
 
 from uclr_cli import checkpoint as ckpt
-from uclr_cli.config import ContrastConfig, ContrastLossConfig
-from uclr_cli.data.prepared import Dataset, sha256_file
+from uclr_cli import layout, loop
+from uclr_cli.config import ContrastConfig
+from uclr_cli.contrastive import TemperatureState, combined_loss
+from uclr_cli.data.dataset import Dataset, sha256_file
 from uclr_cli.data.split import DEFAULT_BUCKETS, bucket_index, bucket_labels
-from uclr_cli.losses import (
-    cosine_matrix,
-    differences,
-    reconstruction_loss,
-    temperature_step,
-    user_aware_contrastive,
-)
-from uclr_cli.models.autoencoder import AutoEncoder, mask_elements, mask_rows
-from uclr_cli.stages import common
+from uclr_cli.models.autoencoder import AutoEncoder, ae_tensors, load_ae
+from uclr_cli.trained import load_pretrain
 
 STAGE = "contrast"
-
-
-class TemperatureState:
-    """τ (per user, or one shared), its momentum, and log u per user: all checkpointed."""
-
-    def __init__(self, n_users: int, loss: ContrastLossConfig, device: torch.device):
-        n_tau = n_users if loss.temperature == "individual" else 1
-        self.individual = loss.temperature == "individual"
-        self.tau = torch.full((n_tau,), loss.tau_init, device=device)
-        self.tau_m = torch.zeros(n_tau, device=device)
-        self.log_u = torch.full((n_users,), -math.inf, device=device)
-        self.cfg = loss
-
-    def batch_tau(self, users: torch.Tensor) -> torch.Tensor:
-        return self.tau[users] if self.individual else self.tau.expand(len(users))
-
-    def update(self, users: torch.Tensor, log_u: torch.Tensor, grad_tau: torch.Tensor, train_tau: bool = True) -> None:
-        self.log_u[users] = log_u
-        if not train_tau:
-            return
-        c = self.cfg
-        kw = dict(lr=c.tau_lr, beta=c.tau_beta, clip=c.tau_grad_clip, tau_min=c.tau_min, tau_max=c.tau_max)
-        if self.individual:
-            self.tau[users], self.tau_m[users] = temperature_step(self.tau[users], self.tau_m[users], grad_tau, **kw)
-        else:
-            self.tau, self.tau_m = temperature_step(self.tau, self.tau_m, grad_tau.mean().reshape(1), **kw)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"tau": self.tau, "tau_momentum": self.tau_m, "log_u": self.log_u}
-
-    def load(self, t: dict[str, torch.Tensor]) -> None:
-        self.tau = t["tau"].to(self.tau.device).clone()
-        self.tau_m = t["tau_momentum"].to(self.tau.device).clone()
-        self.log_u = t["log_u"].to(self.tau.device).clone()
-
-
-def masked(x: torch.Tensor, loss: ContrastLossConfig, gen: torch.Generator) -> torch.Tensor:
-    if loss.mask == "row":
-        return mask_rows(x, loss.mask_ratio, gen)
-    return mask_elements(x, loss.mask_ratio, gen)
-
-
-def combined_loss(
-    ae: AutoEncoder,
-    x: torch.Tensor,
-    users: torch.Tensor,
-    temps: TemperatureState,
-    loss: ContrastLossConfig,
-    gen,
-    first_epoch: bool,
-):
-    """L_con (FCCO surrogate) + α·L_rec on a batch; returns (objective, reported value, step)."""
-    if loss.temperature == "none":  # the plain AE ablation: one stream, reconstruction only
-        rec = reconstruction_loss(ae(x), x)
-        return loss.alpha * rec, loss.alpha * rec.detach(), None
-    z1 = ae.encode(x)
-    z2 = ae.encode(masked(x, loss, gen))
-    h = differences(cosine_matrix(z1, z2))
-    step = user_aware_contrastive(
-        h, temps.batch_tau(users), temps.log_u[users], gamma=1.0 if first_epoch else loss.gamma, rho=loss.rho
-    )
-    rec = reconstruction_loss(ae.decode(z1), x) + reconstruction_loss(ae.decode(z2), x)
-    return step.surrogate + loss.alpha * rec, step.value + loss.alpha * rec.detach(), step
-
-
-def ae_tensors(ae: AutoEncoder) -> dict[str, torch.Tensor]:
-    return {f"ae.{k}": v for k, v in ae.state_dict().items()}
-
-
-def load_ae(ae: AutoEncoder, t: dict[str, torch.Tensor]) -> None:
-    ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
 
 
 def tau_by_bucket(tau: torch.Tensor, data: Dataset, edges=DEFAULT_BUCKETS) -> dict[str, float]:
@@ -118,18 +42,18 @@ def run_seed(
     seed: int,
     *,
     resume: bool = False,
-    progress: common.Progress | None = None,
-) -> common.SeedResult:
+    progress: loop.Progress | None = None,
+) -> loop.SeedResult:
     """Train one seed's autoencoder; writes ``contrast[-variant].safetensors`` (best on valid)."""
-    device = common.resolve_device(cfg.device)
-    out_dir = common.seed_dir(run_dir, seed)
-    pre_path = common.require(out_dir / ckpt.PRETRAIN, "pretrain checkpoint")
-    name = ckpt.CONTRAST[cfg.temperature]
-    best_path, state_path = out_dir / name, out_dir / ckpt.resume_name(name)
+    device = loop.resolve_device(cfg.device)
+    out_dir = layout.seed_dir(run_dir, seed)
+    pre_path = loop.require(out_dir / layout.PRETRAIN, "pretrain checkpoint")
+    name = layout.CONTRAST[cfg.temperature]
+    best_path, state_path = out_dir / name, out_dir / layout.resume_name(name)
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
-    timer = common.Timer()
+    timer = loop.Timer()
 
-    users_e, items_e, pre_meta = common.load_pretrain(pre_path, data)
+    users_e, items_e, pre_meta = load_pretrain(pre_path, data)
     pre_sha = sha256_file(pre_path)
     E, items = users_e.to(device), items_e.to(device)
     dim = E.shape[1]
@@ -137,15 +61,15 @@ def run_seed(
     ae = AutoEncoder(dim, cfg.hidden).to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
     temps = TemperatureState(data.n_users, cfg, device)
-    gen = common.generator(device, seed, 2)
+    gen = loop.generator(device, seed, 2)
     meta_extra = dict(dim=dim, hidden=cfg.hidden, temperature=cfg.temperature, pretrain_sha256=pre_sha)
 
     def score() -> dict[str, float]:
         with torch.no_grad():
-            return common.valid_scores(data, ae(E), items, data.valid)
+            return loop.valid_scores(data, ae(E), items, data.valid)
 
     def save_best(epoch: int, best: float) -> None:
-        meta = common.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=best, **meta_extra)
+        meta = loop.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=best, **meta_extra)
         ckpt.save(best_path, {**ae_tensors(ae), **temps.tensors()}, meta)
 
     start, bad, best_epoch = 1, 0, 0
@@ -172,7 +96,7 @@ def run_seed(
     epochs_run = start - 1
     for epoch in range(start, cfg.epochs + 1):
         epochs_run = epoch
-        t0 = common.Timer()
+        t0 = loop.Timer()
         perm = torch.randperm(n, generator=gen, device=device)
         total = torch.zeros((), device=device)
         for s in range(0, n, cfg.batch_size):
@@ -187,12 +111,12 @@ def run_seed(
                 temps.update(b, step.log_u, step.grad_tau)
             total += value * len(b)
         epoch_loss = float(total) / n
-        common.check_finite(epoch_loss, STAGE, seed, epoch)
+        loop.check_finite(epoch_loss, STAGE, seed, epoch)
         speed = n / max(t0.elapsed(), 1e-9)
         sc = None
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             per_domain = score()
-            sc = common.mean_score(per_domain)
+            sc = loop.mean_score(per_domain)
             if sc > best:
                 best, best_epoch, bad, per_domain_best = sc, epoch, 0, per_domain
                 save_best(epoch, best)
@@ -200,7 +124,7 @@ def run_seed(
                 bad += 1
         done = bad >= cfg.patience or epoch == cfg.epochs
         tensors = {**ae_tensors(ae), **temps.tensors(), **_opt_tensors(opt), "rng": gen.get_state()}
-        meta = common.base_meta(
+        meta = loop.base_meta(
             STAGE + "-resume",
             data,
             seed,
@@ -216,11 +140,11 @@ def run_seed(
         ckpt.save(state_path, tensors, meta)
         if progress:
             extra = {"tau_mean": f"{float(temps.tau.mean()):.4f}"} if cfg.temperature != "none" else {}
-            progress(common.EpochEvent(STAGE, seed, epoch, cfg.epochs, epoch_loss, sc, speed, best, best_epoch, extra))
+            progress(loop.EpochEvent(STAGE, seed, epoch, cfg.epochs, epoch_loss, sc, speed, best, best_epoch, extra))
         if done:
             break
     if not best_path.is_file():
-        best = common.mean_score(per_domain_best)
+        best = loop.mean_score(per_domain_best)
         save_best(0, best)
     best_t, _ = ckpt.load(best_path, stage=STAGE, fingerprint=data.fingerprint)
     extra = {"variant": cfg.temperature}
@@ -231,7 +155,7 @@ def run_seed(
         extra["tau_at_bounds"] = float(
             ((tau <= cfg.tau_min * (1 + 1e-6)) | (tau >= cfg.tau_max * (1 - 1e-6))).float().mean()
         )
-    return common.SeedResult(
+    return loop.SeedResult(
         STAGE, seed, best_path, best_epoch, best, epochs_run, timer.elapsed(), per_domain_best, extra
     )
 

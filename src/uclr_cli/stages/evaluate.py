@@ -1,7 +1,7 @@
 """Evaluate every model of a run folder on the fixed candidates (DESIGN §4).
 
 For each ``seed-*`` folder and each variant it holds (see
-:mod:`uclr_cli.stages.variants`), every domain's candidates of one split are
+:mod:`uclr_cli.trained`), every domain's candidates of one split are
 ranked with :func:`uclr_cli.metrics.rank_candidates`; two floors are scored on
 the same candidates: ``Random`` (one random score per candidate, from a
 generator seeded by the seed) and ``Pop`` (items scored by their number of
@@ -13,7 +13,6 @@ Plain functions: nothing here prints or exits; progress goes through a callback.
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,45 +24,16 @@ import polars as pl
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from uclr_cli import checkpoint as ckpt
-from uclr_cli.data.prepared import Dataset, EvalSplit
+from uclr_cli import layout, loop, registry, trained
+from uclr_cli.data.dataset import Dataset, EvalSplit
 from uclr_cli.data.split import DEFAULT_BUCKETS, bucket_index, bucket_labels
 from uclr_cli.errors import ConfigError, DataError
 from uclr_cli.files import atomic_write
 from uclr_cli.metrics import METRIC_NAMES, metrics_from_ranks, positive_ranks, rank_candidates
-from uclr_cli.stages import baseline as bl
-from uclr_cli.stages import common
-from uclr_cli.stages import variants as var
 
-__all__ = [
-    "FLOORS",
-    "BASELINES",
-    "MODEL_ORDER",
-    "ALL_BUCKET",
-    "EvalRow",
-    "EvalReport",
-    "EvalResult",
-    "DataStats",
-    "find_seeds",
-    "check_ks",
-    "check_buckets",
-    "pop_scores",
-    "random_ranks",
-    "bucket_rows",
-    "run",
-    "write_per_seed",
-    "stats",
-]
-
-#: Floors scored on the same candidates in every evaluation (DESIGN §4).
-FLOORS: tuple[str, ...] = ("Random", "Pop")
-#: Single-domain baselines (the paper's Table 2), trained by `uclr baseline`; they sit before PGE.
-BASELINES: tuple[str, ...] = ("BPRMF", "NeuMF", "LightGCN")
-#: The one order of models in every table, JSON payload and plot.
-MODEL_ORDER: tuple[str, ...] = (*FLOORS, *BASELINES, *var.VARIANTS)
 #: Label of the bucket holding every evaluated user.
 ALL_BUCKET = "all"
-#: Stream of the Random floor's generator (see ``common.generator``); one per domain above it.
+#: Stream of the Random floor's generator (see ``loop.generator``); one per domain above it.
 RANDOM_STREAM = 9_000
 
 PER_SEED_SCHEMA = {
@@ -120,26 +90,8 @@ class EvalResult:
 
     report: EvalReport
     per_seed: pl.DataFrame  # columns PER_SEED_SCHEMA, values in percent
-    models: list[str]  # models evaluated, in MODEL_ORDER
+    models: list[str]  # models evaluated, in registry.MODEL_ORDER
     warnings: list[str] = field(default_factory=list)
-
-
-_SEED_DIR = re.compile(r"^seed-(\d+)$")
-
-
-def find_seeds(run_dir: Path) -> list[tuple[int, Path]]:
-    """``(seed, folder)`` of every ``seed-<int>`` folder in ``run_dir``, sorted by seed."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DataError("run folder not found (train first, or pass --run)", run_dir)
-    found = []
-    for p in run_dir.iterdir():
-        m = _SEED_DIR.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    if not found:
-        raise DataError("run folder has no seed-* folder (run `uclr pretrain` first)", run_dir)
-    return sorted(found)
 
 
 def check_ks(ks: Sequence[int]) -> list[int]:
@@ -175,7 +127,7 @@ def random_ranks(ev: EvalSplit, seed: int, domain_index: int) -> torch.Tensor:
     Drawn on the CPU so the floor does not depend on the device.
     """
     r, n = ev.negs.shape
-    gen = common.generator(torch.device("cpu"), seed, RANDOM_STREAM + domain_index)
+    gen = loop.generator(torch.device("cpu"), seed, RANDOM_STREAM + domain_index)
     scores = torch.rand((r, n + 1), generator=gen, dtype=torch.float64)
     return positive_ranks(scores[:, 0], scores[:, 1:])
 
@@ -192,10 +144,6 @@ def bucket_rows(
         sums = torch.zeros(n_buckets, dtype=torch.float64).index_add_(0, b, v)
         out[key] = (sums, counts)
     return out
-
-
-def _model_rank(name: str) -> tuple[int, str]:
-    return (MODEL_ORDER.index(name), "") if name in MODEL_ORDER else (len(MODEL_ORDER), name)
 
 
 def run(
@@ -220,20 +168,20 @@ def run(
     edges = check_buckets(buckets)
     labels = bucket_labels(edges)
     if variants is not None:
-        known = (*BASELINES, *var.VARIANTS)
+        known = registry.TRAINED
         unknown = [v for v in variants if v not in known]
         if unknown:
             raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)}", "variants")
-    dev = common.resolve_device(device)
+    dev = loop.resolve_device(device)
     run_dir = Path(run_dir)
-    seeds = find_seeds(run_dir)
+    seeds = layout.find_seeds(run_dir)
     note = progress or (lambda _msg: None)
     warnings: list[str] = []
 
     # Which seeds hold what; a seed without any checkpoint is skipped (e.g. an interrupted run).
     plan: list[tuple[int, Path, list[str]]] = []
     for s, sdir in seeds:
-        have = bl.available(sdir, data) + var.available(sdir, data)
+        have = trained.available(sdir, data)
         if variants is not None:
             have = [v for v in have if v in variants]
         if not have:
@@ -241,13 +189,13 @@ def run(
                 f"{sdir}: no checkpoint{' of the chosen variants' if variants is not None else ''}; seed {s} skipped"
             )
             continue
-        plan.append((s, sdir, sorted(have, key=_model_rank)))
+        plan.append((s, sdir, sorted(have, key=registry.model_rank)))
     if not plan:
         what = "of the chosen variants " if variants is not None else ""
         raise DataError(f"no checkpoint {what}in any seed-* folder (train first)", run_dir)
 
     all_seeds = [s for s, _, _ in plan]
-    for v in sorted({v for _, _, have in plan for v in have}, key=_model_rank):
+    for v in sorted({v for _, _, have in plan for v in have}, key=registry.model_rank):
         with_v = [s for s, _, have in plan if v in have]
         if len(with_v) < len(all_seeds):
             warnings.append(
@@ -297,12 +245,12 @@ def run(
             add(d, "Pop", s, pop_ranks[d])
         for v in have:
             note(f"seed {s}: {v}")
-            if v in BASELINES:  # single-domain models: rows for the domains they were trained on
-                for d, model in bl.models(sdir, v, data, dev):
+            if v in registry.BASELINES.values():  # single-domain models: rows for the domains they were trained on
+                for d, model in trained.baseline_models(sdir, v, data, dev):
                     ev = ev_dev[d]
-                    add(d, v, s, bl.rank_model(model, ev.users, ev.pos, ev.negs))
+                    add(d, v, s, trained.rank_model(model, ev.users, ev.pos, ev.negs))
                 continue
-            tables = var.vectors(sdir, v, data, dev)
+            tables = trained.vectors(sdir, v, data, dev)
             for d in data.domains:
                 if d not in tables:
                     continue
@@ -310,13 +258,13 @@ def run(
                 ev = ev_dev[d]
                 add(d, v, s, rank_candidates(u, it, ev.users, ev.pos, ev.negs))
             del tables
-        missing = [d for d in data.domains if "UCLR" in have and not (sdir / ckpt.finetune_name(d)).is_file()]
+        missing = [d for d in data.domains if "UCLR" in have and not (sdir / layout.finetune_name(d)).is_file()]
         if missing:
             warnings.append(f"{sdir}: UCLR not finetuned for {', '.join(missing)}; no UCLR rows there for seed {s}")
 
     per_seed = pl.DataFrame(cols, schema=PER_SEED_SCHEMA)
     report = _aggregate(data, split, all_seeds, ks, labels, per_seed)
-    models = sorted({r.model for r in report.rows}, key=_model_rank)
+    models = sorted({r.model for r in report.rows}, key=registry.model_rank)
     return EvalResult(report=report, per_seed=per_seed, models=models, warnings=warnings)
 
 
@@ -335,7 +283,13 @@ def _aggregate(
 
     def order(key):
         dom, model, bucket, metric, k = key
-        return (data.domains.index(dom), _model_rank(model), b_order[bucket], METRIC_NAMES.index(metric), ks.index(k))
+        return (
+            data.domains.index(dom),
+            registry.model_rank(model),
+            b_order[bucket],
+            METRIC_NAMES.index(metric),
+            ks.index(k),
+        )
 
     rows = []
     for key in sorted(groups, key=order):
@@ -365,46 +319,3 @@ def write_per_seed(per_seed: pl.DataFrame, path: Path) -> Path:
     path = Path(path)
     atomic_write(path, lambda tmp: per_seed.write_parquet(tmp, compression="zstd"), "parquet", DataError)
     return path
-
-
-@dataclass
-class DataStats:
-    """Statistics of a prepared folder: the manifest's table and interactions per user."""
-
-    manifest: dict
-    #: per domain: (U,) interactions per user held in the folder (train + valid + test rows)
-    per_user: dict[str, np.ndarray]
-
-    def histogram(self, domain: str) -> tuple[np.ndarray, np.ndarray]:
-        """(interaction counts, users with that count), counts >= 1 only (log-log friendly)."""
-        values, users = np.unique(self.per_user[domain], return_counts=True)
-        keep = values > 0
-        return values[keep], users[keep]
-
-
-def stats(data: Dataset) -> DataStats:
-    """The prepared data's statistics (``manifest["stats"]``) and per-domain interactions per user."""
-    per_user = {}
-    for di, d in enumerate(data.domains):
-        total = data.train_counts[di].clone()
-        for ev in (data.valid[d], data.test[d]):
-            total += torch.bincount(ev.users, minlength=data.n_users)
-        per_user[d] = total.numpy()
-    return DataStats(manifest=_buckets_in_order(data.manifest), per_user=per_user)
-
-
-def _bucket_lower(label: str) -> int:
-    return int(label.split("-")[0].rstrip("+"))
-
-
-def _buckets_in_order(manifest: dict) -> dict:
-    """A copy of the manifest whose per-domain bucket dicts run by lower edge.
-
-    manifest.json is written with sorted keys, so '21+' would come before '3-5'.
-    """
-    out = dict(manifest)
-    out["stats"] = [
-        {**s, "buckets": dict(sorted(s["buckets"].items(), key=lambda kv: _bucket_lower(kv[0])))}
-        for s in manifest.get("stats", [])
-    ]
-    return out

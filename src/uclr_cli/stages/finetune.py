@@ -15,28 +15,19 @@ from pathlib import Path
 import torch
 
 from uclr_cli import checkpoint as ckpt
-from uclr_cli.config import ContrastConfig, FinetuneConfig
-from uclr_cli.data.prepared import Dataset, sha256_file
+from uclr_cli import layout, loop
+from uclr_cli.config import FinetuneConfig
+from uclr_cli.contrastive import combined_loss
+from uclr_cli.data.dataset import Dataset, sha256_file
 from uclr_cli.errors import ConfigError
-from uclr_cli.models.autoencoder import AutoEncoder
+from uclr_cli.losses import bpr_objective
+from uclr_cli.models.autoencoder import ae_tensors, load_ae
 from uclr_cli.models.lora import LoRAEmbedding
 from uclr_cli.optim import load_torch_optimizer_tensors, torch_optimizer_tensors
-from uclr_cli.stages import common
-from uclr_cli.stages.contrast import TemperatureState, ae_tensors, combined_loss, load_ae
-from uclr_cli.stages.pretrain import NegativeSampler, bpr_objective
+from uclr_cli.sampling import NegativeSampler
+from uclr_cli.trained import load_contrast, load_pretrain
 
 STAGE = "finetune"
-
-
-def load_contrast(path: Path, data: Dataset, pre_sha: str, device):
-    """Autoencoder, temperature state and loss config of a contrast checkpoint."""
-    t, meta = ckpt.load(path, stage="contrast", fingerprint=data.fingerprint, expect={"pretrain_sha256": pre_sha})
-    ccfg = ContrastConfig(**meta["config"])
-    ae = AutoEncoder(meta["dim"], meta["hidden"]).to(device)
-    load_ae(ae, t)
-    temps = TemperatureState(data.n_users, ccfg, device)
-    temps.load(t)
-    return ae, temps, ccfg, meta
 
 
 def run_domain(
@@ -47,20 +38,20 @@ def run_domain(
     domain: str,
     *,
     resume: bool = False,
-    progress: common.Progress | None = None,
-) -> common.SeedResult:
+    progress: loop.Progress | None = None,
+) -> loop.SeedResult:
     """Finetune one seed on one domain; writes ``finetune-<domain>.safetensors``."""
-    device = common.resolve_device(cfg.device)
+    device = loop.resolve_device(cfg.device)
     d = data.domain_index(domain)
-    out_dir = common.seed_dir(run_dir, seed)
-    pre_path = common.require(out_dir / ckpt.PRETRAIN, "pretrain checkpoint")
-    con_path = common.require(out_dir / ckpt.CONTRAST["individual"], "contrast checkpoint")
-    name = ckpt.finetune_name(domain)
-    best_path, state_path = out_dir / name, out_dir / ckpt.resume_name(name)
+    out_dir = layout.seed_dir(run_dir, seed)
+    pre_path = loop.require(out_dir / layout.PRETRAIN, "pretrain checkpoint")
+    con_path = loop.require(out_dir / layout.CONTRAST["individual"], "contrast checkpoint")
+    name = layout.finetune_name(domain)
+    best_path, state_path = out_dir / name, out_dir / layout.resume_name(name)
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds", "domain"})
-    timer = common.Timer()
+    timer = loop.Timer()
 
-    users_e, items_e, _ = common.load_pretrain(pre_path, data)
+    users_e, items_e, _ = load_pretrain(pre_path, data)
     if cfg.rank > users_e.shape[1]:
         raise ConfigError(f"rank {cfg.rank} is larger than the embedding size {users_e.shape[1]}", "--rank")
     pre_sha, con_sha = sha256_file(pre_path), sha256_file(con_path)
@@ -68,7 +59,7 @@ def run_domain(
     lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
     items = items_e.to(device).clone()
     dom_items = torch.nn.Parameter(items[lo:hi].clone(), requires_grad=cfg.train_items)
-    gen = common.generator(device, seed, 3 + d)
+    gen = loop.generator(device, seed, 3 + d)
     init_gen = torch.Generator(device="cpu").manual_seed(seed * 7919 + d)
     lora = LoRAEmbedding(users_e, cfg.rank, cfg.lora_alpha or float(cfg.rank), gen=init_gen).to(device)
     ae.requires_grad_(cfg.train_ae)
@@ -87,7 +78,7 @@ def run_domain(
 
     def score() -> dict[str, float]:
         with torch.no_grad():
-            return common.valid_scores(data, ae(lora.weight()), item_table(), data.valid, [domain])
+            return loop.valid_scores(data, ae(lora.weight()), item_table(), data.valid, [domain])
 
     def trained_tensors() -> dict[str, torch.Tensor]:
         out = {"lora_a": lora.lora_a, "lora_b": lora.lora_b}
@@ -100,11 +91,11 @@ def run_domain(
         return out
 
     def save_best(epoch: int, best: float) -> None:
-        meta = common.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=best, **meta_extra)
+        meta = loop.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=best, **meta_extra)
         ckpt.save(best_path, trained_tensors(), meta)
 
     per_domain_best = score()
-    best, best_epoch, bad, start = common.mean_score(per_domain_best), 0, 0, 1
+    best, best_epoch, bad, start = loop.mean_score(per_domain_best), 0, 0, 1
     if resume and state_path.is_file():
         t, meta = ckpt.load(
             state_path,
@@ -139,7 +130,7 @@ def run_domain(
     epochs_run = start - 1
     for epoch in range(start, cfg.epochs + 1):
         epochs_run = epoch
-        t0 = common.Timer()
+        t0 = loop.Timer()
         perm = torch.randperm(n, generator=gen, device=device)
         total = torch.zeros((), device=device)
         for s in range(0, n, cfg.batch_size):
@@ -164,12 +155,12 @@ def run_domain(
                 temps.update(b, step.log_u, step.grad_tau, train_tau=cfg.train_tau)
             total += value * len(idx)
         epoch_loss = float(total) / max(n, 1)
-        common.check_finite(epoch_loss, f"{STAGE} {domain}", seed, epoch)
+        loop.check_finite(epoch_loss, f"{STAGE} {domain}", seed, epoch)
         speed = n / max(t0.elapsed(), 1e-9)
         sc = None
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             per_domain = score()
-            sc = common.mean_score(per_domain)
+            sc = loop.mean_score(per_domain)
             if sc > best:
                 best, best_epoch, bad, per_domain_best = sc, epoch, 0, per_domain
                 save_best(epoch, best)
@@ -183,7 +174,7 @@ def run_domain(
             **torch_optimizer_tensors(opt, list(params)),
             "rng": gen.get_state(),
         }
-        meta = common.base_meta(
+        meta = loop.base_meta(
             STAGE + "-resume",
             data,
             seed,
@@ -199,11 +190,11 @@ def run_domain(
         ckpt.save(state_path, tensors, meta)
         if progress:
             progress(
-                common.EpochEvent(f"{STAGE} {domain}", seed, epoch, cfg.epochs, epoch_loss, sc, speed, best, best_epoch)
+                loop.EpochEvent(f"{STAGE} {domain}", seed, epoch, cfg.epochs, epoch_loss, sc, speed, best, best_epoch)
             )
         if done:
             break
-    return common.SeedResult(
+    return loop.SeedResult(
         f"{STAGE} {domain}",
         seed,
         best_path,
@@ -214,30 +205,3 @@ def run_domain(
         per_domain_best,
         {"domain": domain},
     )
-
-
-def load_finetuned(seed_dir: Path, data: Dataset, domain: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """User representations Dec(Enc(W)) and the item table of a finetuned domain."""
-    d = data.domain_index(domain)
-    pre_path, con_path = seed_dir / ckpt.PRETRAIN, seed_dir / ckpt.CONTRAST["individual"]
-    users_e, items_e, _ = common.load_pretrain(pre_path, data)
-    pre_sha, con_sha = sha256_file(pre_path), sha256_file(con_path)
-    ae, _, _, _ = load_contrast(con_path, data, pre_sha, device)
-    t, meta = ckpt.load(
-        seed_dir / ckpt.finetune_name(domain),
-        stage=STAGE,
-        fingerprint=data.fingerprint,
-        expect={"contrast_sha256": con_sha, "domain": domain},
-    )
-    lora = LoRAEmbedding(users_e, meta["rank"], meta["config"]["lora_alpha"] or float(meta["rank"])).to(device)
-    with torch.no_grad():
-        lora.lora_a.copy_(t["lora_a"])
-        lora.lora_b.copy_(t["lora_b"])
-    if any(k.startswith("ae.") for k in t):
-        load_ae(ae, t)
-    items = items_e.to(device).clone()
-    if "domain_items" in t:
-        lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
-        items[lo:hi] = t["domain_items"].to(device)
-    with torch.no_grad():
-        return ae(lora.weight()), items

@@ -13,49 +13,15 @@ from pathlib import Path
 import torch
 
 from uclr_cli import checkpoint as ckpt
+from uclr_cli import layout, loop
 from uclr_cli.config import PretrainConfig
-from uclr_cli.data.prepared import Dataset
-from uclr_cli.losses import bpr_loss
+from uclr_cli.data.dataset import Dataset
+from uclr_cli.losses import bpr_objective
 from uclr_cli.optim import BPRRowAdam, load_torch_optimizer_tensors, torch_optimizer_tensors
-from uclr_cli.stages import common
+from uclr_cli.sampling import NegativeSampler
 
 STAGE = "pretrain"
 ROWWISE_BETA1 = {"rowwise-adam": 0.9, "rowwise-rmsprop": 0.0}  # optimizers with a fused row-wise step
-
-
-class NegativeSampler:
-    """Same-domain negatives drawn on the device; collisions with train items redrawn."""
-
-    def __init__(self, data: Dataset, device: torch.device, rounds: int = 3):
-        self.n_items = data.n_items
-        self.offsets = torch.tensor(data.item_offsets, dtype=torch.int64, device=device)
-        keys = data.train_user.to(device) * data.n_items + data.train_item.to(device)
-        self.keys = torch.sort(keys).values
-        self.rounds = rounds
-
-    def __call__(self, users: torch.Tensor, domains: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        lo = self.offsets[domains]
-        size = self.offsets[domains + 1] - lo
-        neg = self.draw(lo, size, gen)
-        for _ in range(self.rounds):  # fixed rounds: no host sync, same RNG use every step
-            key = users * self.n_items + neg
-            pos = torch.searchsorted(self.keys, key).clamp_(max=len(self.keys) - 1)
-            hit = self.keys[pos] == key
-            neg = torch.where(hit, self.draw(lo, size, gen), neg)
-        return neg
-
-    @staticmethod
-    def draw(lo: torch.Tensor, size: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        r = torch.rand(lo.shape, generator=gen, device=lo.device, dtype=torch.float64)
-        return lo + torch.minimum((r * size).long(), size - 1)
-
-
-def bpr_objective(eu, ip, ineg, reg: float) -> torch.Tensor:
-    """BPR plus L2 on the rows used in the batch (λ·mean of squared norms)."""
-    loss = bpr_loss((eu * ip).sum(1), (eu * ineg).sum(1))
-    if reg:
-        loss = loss + reg * (eu.pow(2).sum(1) + ip.pow(2).sum(1) + ineg.pow(2).sum(1)).mean()
-    return loss
 
 
 def init_tables(data: Dataset, cfg: PretrainConfig, seed: int, device: torch.device):
@@ -72,22 +38,22 @@ def run_seed(
     seed: int,
     *,
     resume: bool = False,
-    progress: common.Progress | None = None,
-) -> common.SeedResult:
+    progress: loop.Progress | None = None,
+) -> loop.SeedResult:
     """Train one seed; writes ``seed-<s>/pretrain.safetensors`` (best on valid)."""
-    device = common.resolve_device(cfg.device)
-    out_dir = common.seed_dir(run_dir, seed)
-    best_path = out_dir / ckpt.PRETRAIN
-    state_path = out_dir / ckpt.resume_name(ckpt.PRETRAIN)
+    device = loop.resolve_device(cfg.device)
+    out_dir = layout.seed_dir(run_dir, seed)
+    best_path = out_dir / layout.PRETRAIN
+    state_path = out_dir / layout.resume_name(layout.PRETRAIN)
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
-    timer = common.Timer()
+    timer = loop.Timer()
 
     users, items = init_tables(data, cfg, seed, device)
     rowwise = cfg.optimizer in ROWWISE_BETA1
     if rowwise:  # one table, users first: users/items are views of it
         emb = torch.cat([users, items])
         users, items = emb[: data.n_users], emb[data.n_users :]
-    gen = common.generator(device, seed, 1)
+    gen = loop.generator(device, seed, 1)
     tu, ti, td = (t.to(device) for t in (data.train_user, data.train_item, data.train_domain))
     sampler = NegativeSampler(data, device)
     names = ["user_emb", "item_emb"]
@@ -126,10 +92,10 @@ def run_seed(
     # The best tables and the resume state are written together, at most every cfg.save_every seconds (and
     # at the end): at the Amazon shape they are ~200 MB an epoch, as long as a GPU epoch. A kill resumes
     # from the last write, so the two files always agree.
-    pending_best, last_save = None, common.Timer()
+    pending_best, last_save = None, loop.Timer()
     for epoch in range(start, cfg.epochs + 1):
         epochs_run = epoch
-        t0 = common.Timer()
+        t0 = loop.Timer()
         perm = torch.randperm(n, generator=gen, device=device)
         total = torch.zeros((), device=device)
         for s in range(0, n, cfg.batch_size):
@@ -145,17 +111,17 @@ def run_seed(
                 opt.step()
             total += loss.detach() * len(idx)
         epoch_loss = float(total) / max(n, 1)
-        common.check_finite(epoch_loss, STAGE, seed, epoch)
+        loop.check_finite(epoch_loss, STAGE, seed, epoch)
         speed = n / max(t0.elapsed(), 1e-9)
 
         score = None
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             with torch.no_grad():
-                per_domain = common.valid_scores(data, users.detach(), items.detach(), data.valid)
-            score = common.mean_score(per_domain)
+                per_domain = loop.valid_scores(data, users.detach(), items.detach(), data.valid)
+            score = loop.mean_score(per_domain)
             if score > best:
                 best, best_epoch, bad, per_domain_best = score, epoch, 0, per_domain
-                meta = common.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=best, dim=cfg.dim)
+                meta = loop.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=best, dim=cfg.dim)
                 pending_best = ({"user_emb": users.detach().clone(), "item_emb": items.detach().clone()}, meta)
             else:
                 bad += 1
@@ -182,19 +148,19 @@ def run_seed(
                 per_domain_best,
                 done,
             )
-            last_save = common.Timer()
+            last_save = loop.Timer()
         if progress:
-            progress(common.EpochEvent(STAGE, seed, epoch, cfg.epochs, epoch_loss, score, speed, best, best_epoch))
+            progress(loop.EpochEvent(STAGE, seed, epoch, cfg.epochs, epoch_loss, score, speed, best, best_epoch))
         if done:
             break
 
     if not best_path.is_file():  # zero epochs: save the initial tables
         with torch.no_grad():
-            per_domain_best = common.valid_scores(data, users.detach(), items.detach(), data.valid)
-        best, best_epoch = common.mean_score(per_domain_best), 0
-        meta = common.base_meta(STAGE, data, seed, config, epoch=0, best_score=best, dim=cfg.dim)
+            per_domain_best = loop.valid_scores(data, users.detach(), items.detach(), data.valid)
+        best, best_epoch = loop.mean_score(per_domain_best), 0
+        meta = loop.base_meta(STAGE, data, seed, config, epoch=0, best_score=best, dim=cfg.dim)
         ckpt.save(best_path, {"user_emb": users.detach(), "item_emb": items.detach()}, meta)
-    return common.SeedResult(STAGE, seed, best_path, best_epoch, best, epochs_run, timer.elapsed(), per_domain_best)
+    return loop.SeedResult(STAGE, seed, best_path, best_epoch, best, epochs_run, timer.elapsed(), per_domain_best)
 
 
 def _save_state(
@@ -205,7 +171,7 @@ def _save_state(
         tensors.update(opt.state_tensors())
     else:
         tensors.update(torch_optimizer_tensors(opt, names))
-    meta = common.base_meta(
+    meta = loop.base_meta(
         STAGE + "-resume",
         data,
         seed,

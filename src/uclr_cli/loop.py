@@ -1,4 +1,4 @@
-"""Helpers every training stage uses: device, seeding, progress events, validation."""
+"""What every training stage shares: device, seeding, progress events, validation, the epoch/resume skeleton."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from uclr_cli import checkpoint as ckpt
-from uclr_cli.data.prepared import Dataset, EvalSplit
+from uclr_cli.data.dataset import Dataset, EvalSplit
 from uclr_cli.errors import ConfigError, DataError, TrainingError
 from uclr_cli.metrics import rank_candidates, summarize
 
@@ -65,10 +64,6 @@ def generator(device: torch.device, seed: int, stream: int) -> torch.Generator:
     return g
 
 
-def seed_dir(run: Path, seed: int) -> Path:
-    return Path(run) / f"seed-{seed}"
-
-
 def valid_scores(
     data: Dataset,
     users_vecs: torch.Tensor,
@@ -120,12 +115,3 @@ class Timer:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
-
-
-def load_pretrain(path: Path, data: Dataset) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """User and item tables of a PGE checkpoint, checked against the dataset."""
-    t, meta = ckpt.load(path, stage="pretrain", fingerprint=data.fingerprint)
-    users, items = t["user_emb"], t["item_emb"]
-    if users.shape[0] != data.n_users or items.shape[0] != data.n_items:
-        raise DataError("checkpoint shapes do not match the dataset", path)
-    return users, items, meta

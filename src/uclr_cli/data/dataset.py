@@ -22,12 +22,11 @@ import torch
 from uclr_cli import __version__
 from uclr_cli.data.split import PreparedTables, domain_stats
 from uclr_cli.errors import DataError, os_reason
+from uclr_cli.layout import check_domain_name
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TABLES = ("users", "items", "train", "valid", "test")
-#: Domain names become file-name parts (``finetune-<domain>.safetensors``): nothing else is allowed.
-DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 def check_names(name, domains, where) -> None:
@@ -35,8 +34,7 @@ def check_names(name, domains, where) -> None:
     if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
         raise DataError(f"bad dataset name {str(name)[:40]!r} (must be a plain folder name)", where)
     for d in domains:
-        if not isinstance(d, str) or not DOMAIN_NAME.fullmatch(d):
-            raise DataError(f"bad domain name {str(d)[:40]!r} (allowed: a-z, 0-9, _ and -)", where)
+        check_domain_name(d, where)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

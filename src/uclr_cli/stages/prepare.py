@@ -8,7 +8,7 @@ from pathlib import Path
 
 from uclr_cli.config import PrepareConfig
 from uclr_cli.data import synthetic
-from uclr_cli.data.prepared import check_out, sha256_file, write_prepared
+from uclr_cli.data.dataset import check_out, sha256_file, write_prepared
 from uclr_cli.data.raw import RawDomain
 from uclr_cli.data.split import build_tables
 from uclr_cli.errors import ConfigError

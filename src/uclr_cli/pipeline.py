@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uclr_cli import checkpoint as ckpt
+from uclr_cli import layout, loop
 from uclr_cli.config import ContrastConfig, FinetuneConfig, PretrainConfig
-from uclr_cli.data.prepared import Dataset, sha256_file
+from uclr_cli.data.dataset import Dataset, sha256_file
 from uclr_cli.errors import CheckpointError
-from uclr_cli.stages import common, contrast, finetune, pretrain
+from uclr_cli.stages import contrast, finetune, pretrain
 
 
 @dataclass
@@ -42,12 +43,12 @@ class StepEvent:
 def plan(data: Dataset, run_dir: Path, seeds: list[int], domains: list[str]) -> list[Step]:
     steps = []
     for s in seeds:
-        sd = common.seed_dir(run_dir, s)
-        steps.append(Step(s, "PGE", "pretrain", "", sd / ckpt.PRETRAIN))
+        sd = layout.seed_dir(run_dir, s)
+        steps.append(Step(s, "PGE", "pretrain", "", sd / layout.PRETRAIN))
         for variant, mode in (("PGE+AE", "none"), ("PGE+CL-AE", "global"), ("PGE+UCL-AE", "individual")):
-            steps.append(Step(s, variant, "contrast", mode, sd / ckpt.CONTRAST[mode]))
+            steps.append(Step(s, variant, "contrast", mode, sd / layout.CONTRAST[mode]))
         for d in domains:
-            steps.append(Step(s, "UCLR", "finetune", d, sd / ckpt.finetune_name(d)))
+            steps.append(Step(s, "UCLR", "finetune", d, sd / layout.finetune_name(d)))
     return steps
 
 
@@ -58,7 +59,7 @@ def _config_of(cfg) -> dict:
 
 def is_done(step: Step, data: Dataset, cfg) -> bool:
     """The step's checkpoint exists, matches dataset, settings and inputs, and its run finished."""
-    state = step.path.with_name(ckpt.resume_name(step.path.name))
+    state = step.path.with_name(layout.resume_name(step.path.name))
     try:
         meta = ckpt.read_header(step.path)
         smeta = ckpt.read_header(state)
@@ -68,9 +69,9 @@ def is_done(step: Step, data: Dataset, cfg) -> bool:
         return False
     sd = step.path.parent
     if step.stage == "contrast":
-        return meta.get("pretrain_sha256") == sha256_file(sd / ckpt.PRETRAIN)
+        return meta.get("pretrain_sha256") == sha256_file(sd / layout.PRETRAIN)
     if step.stage == "finetune":
-        con = sd / ckpt.CONTRAST["individual"]
+        con = sd / layout.CONTRAST["individual"]
         return con.is_file() and meta.get("contrast_sha256") == sha256_file(con)
     return True
 
@@ -78,7 +79,7 @@ def is_done(step: Step, data: Dataset, cfg) -> bool:
 def can_resume(step: Step, data: Dataset, cfg) -> bool:
     """An unfinished resume state of the same dataset and settings exists (else start afresh)."""
     try:
-        smeta = ckpt.read_header(step.path.with_name(ckpt.resume_name(step.path.name)))
+        smeta = ckpt.read_header(step.path.with_name(layout.resume_name(step.path.name)))
     except CheckpointError:
         return False
     return smeta.get("dataset") == data.fingerprint and smeta.get("config") == _config_of(cfg)
@@ -94,11 +95,11 @@ def run(
     ft: FinetuneConfig,
     *,
     on_step: Callable[[StepEvent], None] | None = None,
-    progress: common.Progress | None = None,
-) -> list[common.SeedResult]:
+    progress: loop.Progress | None = None,
+) -> list[loop.SeedResult]:
     """Train every missing or stale step, in order; returns what was trained."""
     steps = plan(data, run_dir, seeds, domains)
-    timer = common.Timer()
+    timer = loop.Timer()
     trained_time, trained_n = 0.0, 0
     out = []
     for k, st in enumerate(steps):

@@ -1,0 +1,82 @@
+"""The run-folder layout and the name rules: the one place that builds or parses them.
+
+    runs/<dataset>/config.json
+    runs/<dataset>/seed-<s>/pretrain.safetensors, contrast[-global|-none].safetensors,
+                            finetune-<domain>.safetensors, baseline-<model>-<domain>.safetensors
+                            and a ``*.resume.safetensors`` beside each
+
+Fixed names, no timestamps (docs/design.md §5). A seed folder is ``seed-<s>``
+with ``s`` written in canonical decimal: ``seed-01`` is not the folder of seed
+1 and is ignored, so one seed can never be counted twice.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from uclr_cli.errors import DataError
+
+CONFIG = "config.json"
+PRETRAIN = "pretrain.safetensors"
+#: contrast checkpoints by temperature mode; ``individual`` is the UCLR path.
+CONTRAST = {
+    "individual": "contrast.safetensors",
+    "global": "contrast-global.safetensors",
+    "none": "contrast-none.safetensors",
+}
+SEED_PREFIX = "seed-"
+_SEED_DIR = re.compile(r"seed-(0|[1-9][0-9]{0,17})")
+#: Domain names become parts of file names: lower-case letters, digits, ``_`` and ``-``, at most 64.
+DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def is_domain_name(name: object) -> bool:
+    return isinstance(name, str) and DOMAIN_NAME.fullmatch(name) is not None
+
+
+def check_domain_name(name: object, where) -> str:
+    """``name`` if it may be a domain (and so a file-name part), else a one-line :class:`DataError`."""
+    if not is_domain_name(name):
+        raise DataError(f"bad domain name {str(name)[:40]!r} (allowed: a-z, 0-9, _ and -; at most 64)", where)
+    return name  # type: ignore[return-value]
+
+
+def seed_dir(run: Path, seed: int) -> Path:
+    return Path(run) / f"{SEED_PREFIX}{int(seed)}"
+
+
+def seed_of(folder: Path | str) -> int | None:
+    """The seed a folder name stands for (``seed-3`` -> 3), None for anything else (``seed-03`` included)."""
+    m = _SEED_DIR.fullmatch(Path(folder).name)
+    return int(m.group(1)) if m else None
+
+
+def find_seeds(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(seed, folder)`` of every seed folder in ``run_dir``, sorted by seed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError("run folder not found (train first, or pass --run)", run_dir)
+    found = []
+    for p in run_dir.iterdir():
+        s = seed_of(p)
+        if s is not None and p.is_dir():
+            found.append((s, p))
+    if not found:
+        raise DataError("run folder has no seed-* folder (run `uclr pretrain` first)", run_dir)
+    return sorted(found)
+
+
+def finetune_name(domain: str) -> str:
+    """``finetune-<domain>.safetensors``; a domain name that is not a plain file-name part is refused."""
+    return f"finetune-{check_domain_name(domain, '--domain')}.safetensors"
+
+
+def baseline_name(kind: str, domain: str) -> str:
+    """A single-domain baseline's checkpoint, e.g. ``baseline-neumf-books.safetensors``."""
+    return f"baseline-{kind}-{check_domain_name(domain, '--domain')}.safetensors"
+
+
+def resume_name(name: str) -> str:
+    """The resume state that goes with a checkpoint name."""
+    return name.replace(".safetensors", ".resume.safetensors")
