@@ -139,12 +139,13 @@ def bench_pretrain(work: Path, quick: bool) -> None:
     from uclr_cli.stages import pretrain
 
     data = load_prepared(amazon_data(work, quick))
+    n = len(data.train_user)
     speeds = {}
     default = PretrainConfig().optimizer
     for opt in ("adam", default, "rowwise-adam"):
         got = []  # training only (validation is off); the faster of 2 epochs
         cfg = PretrainConfig(optimizer=opt, epochs=2, eval_every=1000, device="cpu")
-        pretrain.run_seed(cfg, data, work / f"bench-{opt}", 0, progress=lambda e: got.append(e.samples_per_s))
+        pretrain.run_seed(cfg, data, work / f"bench-{opt}", 0, progress=lambda e: got.append(n / e.epoch_s))
         speeds[opt] = max(got)
     row("pretrain dense Adam (--optimizer adam, the paper's), samples/s", f"{speeds['adam']:,.0f}", "reference")
     row(
@@ -176,14 +177,14 @@ def bench_contrast_finetune(work: Path, quick: bool) -> None:
         data,
         run,
         0,
-        progress=lambda e: times.append(data.n_users / e.samples_per_s),
+        progress=lambda e: times.append(e.epoch_s),
     )
     row(f"contrast, s/epoch over {data.n_users:,} users", f"{min(times):.2f} s", "<= 2 s")
     for d in data.domains:
         ft = []
         finetune.run_domain(FinetuneConfig(epochs=1, device="cpu"), data, run, 0, d, progress=lambda e: ft.append(e))
         n = int((data.train_domain == data.domain_index(d)).sum())
-        row(f"finetune {d}, s/epoch ({n:,} train rows)", f"{n / ft[0].samples_per_s:.2f} s")
+        row(f"finetune {d}, s/epoch ({n:,} train rows)", f"{ft[0].epoch_s:.2f} s")
 
 
 def bench_evaluate(work: Path, quick: bool) -> None:
@@ -223,9 +224,7 @@ def bench_baselines(work: Path, quick: bool) -> None:
     for name in registry.BASELINES:
         speeds = []  # training only (the epoch's validation is not timed); the faster of 2 epochs
         cfg = BaselineConfig(model=name, epochs=2, device="cpu")  # defaults: m=128, batch 2048, 4 negatives, 3 layers
-        baseline.run_domain(
-            cfg, data, work / "bench-baselines", 0, d, progress=lambda e: speeds.append(e.samples_per_s)
-        )
+        baseline.run_domain(cfg, data, work / "bench-baselines", 0, d, progress=lambda e: speeds.append(n / e.epoch_s))
         row(f"baseline {name} {d}, s/epoch ({n:,} train rows)", f"{n / max(speeds):.2f} s")
 
 
@@ -254,7 +253,7 @@ def ours_to_budget(data, optimizer: str, budget: float, run: Path) -> dict:
     curve: list[tuple[int, float, float]] = []  # (epoch, training seconds so far, valid NDCG@10)
 
     def on_epoch(e) -> None:
-        t = n / e.samples_per_s
+        t = e.epoch_s
         used = (curve[-1][1] if curve else 0.0) + t
         curve.append((e.epoch, used, e.valid_ndcg))
         if _spent(used, t, budget):
@@ -460,16 +459,16 @@ def _pretrain_child(path: str, optimizer: str | None, epochs: int) -> None:
     from uclr_cli.stages import pretrain
 
     data = load_prepared(Path(path))
-    speeds: list[float] = []
+    times: list[float] = []
     run = Path(tempfile.mkdtemp(prefix="uclr-scaling-"))
     try:
         kw = {"optimizer": optimizer} if optimizer else {}
         cfg = PretrainConfig(**kw, epochs=epochs, eval_every=1_000_000, device="cpu")
-        pretrain.run_seed(cfg, data, run, 0, progress=lambda e: speeds.append(e.samples_per_s))
+        pretrain.run_seed(cfg, data, run, 0, progress=lambda e: times.append(e.epoch_s))
     finally:
         shutil.rmtree(run, ignore_errors=True)
     n = len(data.train_user)
-    print(json.dumps({"rows": n, "users": data.n_users, "items": data.n_items, "epoch_s": n / max(speeds)}))
+    print(json.dumps({"rows": n, "users": data.n_users, "items": data.n_items, "epoch_s": min(times)}))
 
 
 def bench_scaling(work: Path, quick: bool) -> None:

@@ -2,7 +2,7 @@
 
 Learning on a case with a known answer, save/load round trips, batch scores
 equal to one-at-a-time scores, determinism by seed, resume equal to an
-unbroken run, the CLI and the evaluate rows (DESIGN §6, the paper's Table 2).
+unbroken run, the CLI and the evaluate rows (docs/design.md §6, the paper's Table 2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`evaluate` and `stats`: floors, aggregation over seeds, buckets, JSON, parquet, refusals (DESIGN §4)."""
+"""`evaluate` and `stats`: floors, aggregation over seeds, buckets, JSON, parquet, refusals (docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`prepare`: the split, the candidates, determinism, and refusals (DESIGN §2)."""
+"""`prepare`: the split, the candidates, determinism, and refusals (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ class PretrainConfig(TrainConfig):
 
 
 class ContrastLossConfig(StageConfig):
-    """The user-aware contrastive loss and its temperature state (DESIGN §3)."""
+    """The user-aware contrastive loss and its temperature state (docs/design.md §3)."""
 
     temperature: Literal["individual", "global", "none"] = "individual"
     mask: Literal["row", "element"] = "element"

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
+from uclr_cli import checkpoint as ckpt
 from uclr_cli.data.dataset import Dataset, EvalSplit
-from uclr_cli.errors import ConfigError, DataError, TrainingError
+from uclr_cli.errors import CheckpointError, ConfigError, DataError, TrainingError
 from uclr_cli.metrics import rank_candidates, summarize
 
 
@@ -25,10 +26,11 @@ class EpochEvent:
     epochs: int
     loss: float
     valid_ndcg: float | None
-    samples_per_s: float
+    samples_per_s: float  # training only, see Throughput
     best: float
     best_epoch: int
     extra: dict = field(default_factory=dict)
+    epoch_s: float = math.nan  # this epoch's training seconds (batch loop only)
 
 
 @dataclass
@@ -109,9 +111,151 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
+class Throughput:
+    """Training samples per second: batch loops only (validation and saving are not timed), summed over
+    the epochs this process has run, so one noisy or warm-up epoch does not swing the figure."""
+
+    def __init__(self) -> None:
+        self.samples, self.seconds = 0, 0.0
+
+    def add(self, samples: int, seconds: float) -> float:
+        self.samples += samples
+        self.seconds += seconds
+        return self.samples / max(self.seconds, 1e-9)
+
+
 class Timer:
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
+
+
+# --- the epoch/resume skeleton ---------------------------------------------------------------------------------
+
+
+class Schedule:
+    """Epochs, validation cadence and early stopping of one training run, restorable from a resume state.
+
+    Each stage writes its own loop::
+
+        for epoch in sched.epochs_to_run():
+            ...batches...
+            score, improved = sched.validate(epoch, valid_fn)
+            if improved: save the best checkpoint
+            done = sched.done(epoch)
+            save_state(...)                       # the resume state
+            if done: break
+
+    ``best_score`` starts at -inf; a stage whose epoch 0 counts (finetune: the
+    untrained adapter is the contrast model) calls :meth:`start_from` first.
+    """
+
+    def __init__(self, epochs: int, patience: int, eval_every: int):
+        self.epochs, self.patience, self.eval_every = epochs, patience, eval_every
+        self.start, self.last = 1, 0
+        self.best, self.best_epoch, self.bad = -math.inf, 0, 0
+        self.per_domain: dict[str, float] = {}
+
+    def start_from(self, per_domain: dict[str, float]) -> None:
+        """Make the starting model (epoch 0) the one to beat."""
+        self.best, self.best_epoch, self.per_domain = mean_score(per_domain), 0, per_domain
+
+    def epochs_to_run(self):
+        for epoch in range(self.start, self.epochs + 1):
+            self.last = epoch
+            yield epoch
+
+    @property
+    def epochs_run(self) -> int:
+        return max(self.last, self.start - 1)
+
+    def validate(self, epoch: int, score: Callable[[], dict[str, float]]) -> tuple[float | None, bool]:
+        """Score on validation when due (every ``eval_every`` and the last epoch): (mean or None, improved)."""
+        if epoch % self.eval_every and epoch != self.epochs:
+            return None, False
+        per_domain = score()
+        value = mean_score(per_domain)
+        if value > self.best:
+            self.best, self.best_epoch, self.bad, self.per_domain = value, epoch, 0, per_domain
+            return value, True
+        self.bad += 1
+        return value, False
+
+    def done(self, epoch: int) -> bool:
+        return self.bad >= self.patience or epoch == self.epochs
+
+    def meta(self, epoch: int, done: bool) -> dict:
+        return {
+            "epoch": epoch,
+            "best_score": self.best,
+            "best_epoch": self.best_epoch,
+            "bad": self.bad,
+            "per_domain": self.per_domain,
+            "done": done,
+        }
+
+    def restore(self, meta: dict) -> None:
+        """Continue after the epoch a resume state was saved at; a finished run stays finished
+        unless ``epochs`` grew (then it continues)."""
+        self.best, self.best_epoch, self.bad = meta["best_score"], meta["best_epoch"], meta["bad"]
+        self.per_domain = meta.get("per_domain") or {}
+        self.start = meta["epoch"] + 1
+        if meta["bad"] >= self.patience or meta["epoch"] >= self.epochs:
+            self.start = self.epochs + 1
+
+
+def load_state(
+    path: Path,
+    stage: str,
+    data: Dataset,
+    seed: int,
+    config: dict,
+    sched: Schedule,
+    gen: torch.Generator,
+    expect: dict | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read a resume state (checked: stage, dataset, seed, config but the settings a resume may change,
+    and ``expect``), restore ``sched`` and ``gen``; the stage restores its own tensors from the result."""
+    t, meta = ckpt.load(
+        path,
+        stage=stage + "-resume",
+        fingerprint=data.fingerprint,
+        expect={"config": config, "seed": seed, **(expect or {})},
+        may_differ={"config": ckpt.RESUME_MAY_DIFFER},
+    )
+    if "rng" not in t:
+        raise CheckpointError("resume state has no generator state (tensor 'rng')", path)
+    sched.restore(meta)
+    gen.set_state(t["rng"].to(torch.uint8))
+    return t
+
+
+def save_state(
+    path: Path,
+    stage: str,
+    data: Dataset,
+    seed: int,
+    config: dict,
+    sched: Schedule,
+    epoch: int,
+    done: bool,
+    tensors: dict[str, torch.Tensor],
+    gen: torch.Generator,
+    **extra,
+) -> None:
+    """Write the resume state after ``epoch``: the stage's tensors, the generator and the schedule."""
+    meta = base_meta(stage + "-resume", data, seed, config, **sched.meta(epoch, done), **extra)
+    ckpt.save(path, {**tensors, "rng": gen.get_state()}, meta)
+
+
+def restore(tensors: dict[str, torch.Tensor], into: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy the named resume tensors into the live ones (same shapes), naming a missing one."""
+    with torch.no_grad():
+        for name, live in into.items():
+            if name not in tensors:
+                raise CheckpointError(f"resume state has no tensor '{name}'", path)
+            if tensors[name].shape != live.shape:
+                raise CheckpointError(f"resume tensor '{name}' has shape {list(tensors[name].shape)}", path)
+            live.copy_(tensors[name])

@@ -1,7 +1,7 @@
 """Losses: BPR, reconstruction, and the user-aware contrastive loss (paper §3.4, App. A).
 
 The contrastive loss follows iSogCLR (Qiu et al., ICML'23), which the paper
-builds on, with the open points fixed as in DESIGN §3:
+builds on, with the open points fixed as in docs/design.md §3:
 
 * per user i, with h_ik = sim(e_i, e'_k) - sim(e_i, e'_i) over the batch's
   other users k, the objective is  τ_i·log(mean_k exp(h_ik/τ_i)) + ρ·τ_i.

@@ -46,7 +46,7 @@ class RowAdam:
 
 
 def torch_optimizer_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
-    """Flatten a torch Adam's state into named tensors (for safetensors)."""
+    """A torch optimizer's state as named tensors ``opt.<field>.<param name>`` (the one checkpoint layout)."""
     out = {}
     params = opt.param_groups[0]["params"]
     for name, p in zip(names, params):
@@ -59,17 +59,22 @@ def torch_optimizer_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dic
 
 
 def load_torch_optimizer_tensors(opt: torch.optim.Optimizer, names: list[str], t: dict[str, torch.Tensor]) -> None:
+    """Restore :func:`torch_optimizer_tensors`' output. Also reads the layout of resume states written by
+    ``uclr contrast`` before 0.2 (``opt.<param index>.<field>``), so such runs still resume."""
     params = opt.param_groups[0]["params"]
-    for name, p in zip(names, params):
-        keys = [k for k in t if k.startswith("opt.") and k.endswith(f".{name}")]
-        if not keys:
-            continue
-        st = {}
-        for k in keys:
-            field = k[len("opt.") : -len(f".{name}")]
-            val = t[k]
-            st[field] = val.to(p.device) if field != "step" else val.clone()
-        opt.state[p] = st
+    legacy: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in t.items():
+        parts = k.split(".", 2)
+        if len(parts) == 3 and parts[0] == "opt" and parts[1].isdigit():
+            legacy.setdefault(int(parts[1]), {})[parts[2]] = v
+    for i, (name, p) in enumerate(zip(names, params)):
+        st = {
+            k[len("opt.") : -len(f".{name}")]: v
+            for k, v in t.items()
+            if k.startswith("opt.") and k.endswith(f".{name}") and not k.split(".")[1].isdigit()
+        } or legacy.get(i, {})
+        if st:
+            opt.state[p] = {f: v.clone() if f == "step" else v.to(p.device) for f, v in st.items()}
 
 
 class BPRRowAdam:

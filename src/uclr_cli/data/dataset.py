@@ -1,6 +1,6 @@
 """Writing a prepared folder atomically, and loading it back into tensors.
 
-Layout (DESIGN §2): ``manifest.json``, ``users.parquet``, ``items.parquet``,
+Layout (docs/design.md §2): ``manifest.json``, ``users.parquet``, ``items.parquet``,
 ``train.parquet``, ``valid.parquet``, ``test.parquet``. Nothing in it is an
 absolute path, so a folder copied elsewhere still loads.
 """

@@ -160,7 +160,7 @@ def build_tables(
     seed: int = 0,
     warn=None,
 ) -> PreparedTables:
-    """Filter, index and split raw interactions; draw fixed candidates (DESIGN §2)."""
+    """Filter, index and split raw interactions; draw fixed candidates (docs/design.md §2)."""
     names = [rd.name for rd in raw]
     where = {rd.name: (rd.path if rd.path is not None else rd.name) for rd in raw}
     n_dom = len(raw)

@@ -19,7 +19,6 @@ early stopping, refusal of another stage, dataset or shape on load.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -164,29 +163,23 @@ def run_domain(
     if towers:
         meta_extra["towers_sha256"] = towers
 
-    def save(path: Path, stage_: str, epoch: int, best: float, tensors: dict, **extra) -> None:
-        meta = loop.base_meta(stage_, data, seed, config, epoch=epoch, best_score=best, **meta_extra, **extra)
-        ckpt.save(path, tensors, meta)
+    def save_best(epoch: int) -> None:
+        meta = loop.base_meta(stage, data, seed, config, epoch=epoch, best_score=sched.best, **meta_extra)
+        ckpt.save(best_path, model.tensors(), meta)
 
-    start, best, best_epoch, bad = 1, -math.inf, 0, 0
+    def score() -> dict[str, float]:
+        model.eval()
+        return {domain: baseline_valid_score(model, data, domain)}
+
+    sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
     if resume and state_path.is_file():
-        expect = {"config": config, "seed": seed, "domain": domain, "towers_sha256": towers or None}
-        t, meta = ckpt.load(
-            state_path,
-            stage=stage + "-resume",
-            fingerprint=data.fingerprint,
-            expect=expect,
-            may_differ={"config": ckpt.RESUME_MAY_DIFFER},
-        )
+        expect = {"domain": domain, "towers_sha256": towers or None}
+        t = loop.load_state(state_path, stage, data, seed, config, sched, gen, expect=expect)
         try:
             model.load_tensors({n: t[n] for n in model.tensors()})
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"resume state does not match the model ({e})", state_path) from None
         opt.load_state_tensors(t)
-        gen.set_state(t["rng"].to(torch.uint8))
-        start, best, best_epoch, bad = meta["epoch"] + 1, meta["best_score"], meta["best_epoch"], meta["bad"]
-        if meta["bad"] >= cfg.patience or meta["epoch"] >= cfg.epochs:  # finished (a larger --epochs continues)
-            start = cfg.epochs + 1
 
     sel = data.train_domain == d
     tu, ti = data.train_user[sel].to(device), data.train_item[sel].to(device)
@@ -194,9 +187,8 @@ def run_domain(
     sampler = NegativeSampler(data, device)
     n_neg = cfg.negatives if kind in ("neumf", "gmf", "mlp") else 1
     n = len(tu)
-    epochs_run = start - 1
-    for epoch in range(start, cfg.epochs + 1):
-        epochs_run = epoch
+    thru = loop.Throughput()
+    for epoch in sched.epochs_to_run():
         t0 = loop.Timer()
         perm = torch.randperm(n, generator=gen, device=device)
         total = torch.zeros((), device=device)
@@ -219,44 +211,46 @@ def run_domain(
                 loss.backward()
                 opt.step()
             total += loss.detach() * len(idx)
-        epoch_loss = float(total) / max(n, 1)
+        epoch_loss = float(total) / max(n, 1)  # a host sync: the epoch's training is done
+        train_s = t0.elapsed()
+        speed = thru.add(n, train_s)
         loop.check_finite(epoch_loss, f"{stage} {domain}", seed, epoch)
-        speed = n / max(t0.elapsed(), 1e-9)
-
-        score = None
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            model.eval()
-            score = baseline_valid_score(model, data, domain)
-            if score > best:
-                best, best_epoch, bad = score, epoch, 0
-                save(best_path, stage, epoch, best, model.tensors())
-            else:
-                bad += 1
-        done = bad >= cfg.patience or epoch == cfg.epochs
-        state = {**model.tensors(), **opt.state_tensors(), "rng": gen.get_state()}
-        save(state_path, stage + "-resume", epoch, best, state, best_epoch=best_epoch, bad=bad, done=done)
+        sc, improved = sched.validate(epoch, score)
+        if improved:
+            save_best(epoch)
+        done = sched.done(epoch)
+        tensors = {**model.tensors(), **opt.state_tensors()}
+        loop.save_state(state_path, stage, data, seed, config, sched, epoch, done, tensors, gen, **meta_extra)
         if progress:
             progress(
                 loop.EpochEvent(
-                    f"{stage} {domain}", seed, epoch, cfg.epochs, epoch_loss, score, speed, best, best_epoch
+                    f"{stage} {domain}",
+                    seed,
+                    epoch,
+                    cfg.epochs,
+                    epoch_loss,
+                    sc,
+                    speed,
+                    sched.best,
+                    sched.best_epoch,
+                    epoch_s=train_s,
                 )
             )
         if done:
             break
 
     if not best_path.is_file():  # zero epochs: save the initial model
-        model.eval()
-        best, best_epoch = baseline_valid_score(model, data, domain), 0
-        save(best_path, stage, 0, best, model.tensors())
+        sched.start_from(score())
+        save_best(0)
     return loop.SeedResult(
         f"{stage} {domain}",
         seed,
         best_path,
-        best_epoch,
-        best,
-        epochs_run,
+        sched.best_epoch,
+        sched.best,
+        sched.epochs_run,
         timer.elapsed(),
-        {domain: best},
+        {domain: sched.best},
         {"domain": domain},
     )
 

@@ -20,6 +20,7 @@ from uclr_cli.contrastive import TemperatureState, combined_loss
 from uclr_cli.data.dataset import Dataset, sha256_file
 from uclr_cli.data.split import DEFAULT_BUCKETS, bucket_index, bucket_labels
 from uclr_cli.models.autoencoder import AutoEncoder, ae_tensors, load_ae
+from uclr_cli.optim import load_torch_optimizer_tensors, torch_optimizer_tensors
 from uclr_cli.trained import load_pretrain
 
 STAGE = "contrast"
@@ -53,13 +54,14 @@ def run_seed(
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
     timer = loop.Timer()
 
-    users_e, items_e, pre_meta = load_pretrain(pre_path, data)
+    users_e, items_e, _ = load_pretrain(pre_path, data)
     pre_sha = sha256_file(pre_path)
     E, items = users_e.to(device), items_e.to(device)
     dim = E.shape[1]
     torch.manual_seed(seed)
     ae = AutoEncoder(dim, cfg.hidden).to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
+    opt_names = [f"ae.{k}" for k, _ in ae.named_parameters()]
     temps = TemperatureState(data.n_users, cfg, device)
     gen = loop.generator(device, seed, 2)
     meta_extra = dict(dim=dim, hidden=cfg.hidden, temperature=cfg.temperature, pretrain_sha256=pre_sha)
@@ -68,34 +70,20 @@ def run_seed(
         with torch.no_grad():
             return loop.valid_scores(data, ae(E), items, data.valid)
 
-    def save_best(epoch: int, best: float) -> None:
-        meta = loop.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=best, **meta_extra)
+    def save_best(epoch: int) -> None:
+        meta = loop.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=sched.best, **meta_extra)
         ckpt.save(best_path, {**ae_tensors(ae), **temps.tensors()}, meta)
 
-    start, bad, best_epoch = 1, 0, 0
-    per_domain_best = score()  # epoch 0: the untrained autoencoder, for reference only
-    best = -math.inf
+    sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
     if resume and state_path.is_file():
-        t, meta = ckpt.load(
-            state_path,
-            stage=STAGE + "-resume",
-            fingerprint=data.fingerprint,
-            expect={"config": config, "seed": seed, "pretrain_sha256": pre_sha},
-            may_differ={"config": ckpt.RESUME_MAY_DIFFER},
-        )
+        t = loop.load_state(state_path, STAGE, data, seed, config, sched, gen, expect={"pretrain_sha256": pre_sha})
         load_ae(ae, t)
         temps.load(t)
-        opt.load_state_dict(_opt_state_from(t, opt))
-        gen.set_state(t["rng"].to(torch.uint8))
-        start, best, best_epoch, bad = meta["epoch"] + 1, meta["best_score"], meta["best_epoch"], meta["bad"]
-        per_domain_best = meta["per_domain"]
-        if meta["bad"] >= cfg.patience or meta["epoch"] >= cfg.epochs:  # finished (a larger --epochs continues)
-            start = cfg.epochs + 1
+        load_torch_optimizer_tensors(opt, opt_names, t)
 
     n = data.n_users
-    epochs_run = start - 1
-    for epoch in range(start, cfg.epochs + 1):
-        epochs_run = epoch
+    thru = loop.Throughput()
+    for epoch in sched.epochs_to_run():
         t0 = loop.Timer()
         perm = torch.randperm(n, generator=gen, device=device)
         total = torch.zeros((), device=device)
@@ -110,70 +98,46 @@ def run_seed(
             if step is not None:
                 temps.update(b, step.log_u, step.grad_tau)
             total += value * len(b)
-        epoch_loss = float(total) / n
+        epoch_loss = float(total) / n  # a host sync: the epoch's training is done
+        train_s = t0.elapsed()
+        speed = thru.add(n, train_s)
         loop.check_finite(epoch_loss, STAGE, seed, epoch)
-        speed = n / max(t0.elapsed(), 1e-9)
-        sc = None
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            per_domain = score()
-            sc = loop.mean_score(per_domain)
-            if sc > best:
-                best, best_epoch, bad, per_domain_best = sc, epoch, 0, per_domain
-                save_best(epoch, best)
-            else:
-                bad += 1
-        done = bad >= cfg.patience or epoch == cfg.epochs
-        tensors = {**ae_tensors(ae), **temps.tensors(), **_opt_tensors(opt), "rng": gen.get_state()}
-        meta = loop.base_meta(
-            STAGE + "-resume",
-            data,
-            seed,
-            config,
-            epoch=epoch,
-            best_score=best,
-            best_epoch=best_epoch,
-            bad=bad,
-            per_domain=per_domain_best,
-            done=done,
-            **meta_extra,
-        )
-        ckpt.save(state_path, tensors, meta)
+        sc, improved = sched.validate(epoch, score)
+        if improved:
+            save_best(epoch)
+        done = sched.done(epoch)
+        tensors = {**ae_tensors(ae), **temps.tensors(), **torch_optimizer_tensors(opt, opt_names)}
+        loop.save_state(state_path, STAGE, data, seed, config, sched, epoch, done, tensors, gen, **meta_extra)
         if progress:
             extra = {"tau_mean": f"{float(temps.tau.mean()):.4f}"} if cfg.temperature != "none" else {}
-            progress(loop.EpochEvent(STAGE, seed, epoch, cfg.epochs, epoch_loss, sc, speed, best, best_epoch, extra))
+            progress(
+                loop.EpochEvent(
+                    STAGE,
+                    seed,
+                    epoch,
+                    cfg.epochs,
+                    epoch_loss,
+                    sc,
+                    speed,
+                    sched.best,
+                    sched.best_epoch,
+                    extra,
+                    epoch_s=train_s,
+                )
+            )
         if done:
             break
-    if not best_path.is_file():
-        best = loop.mean_score(per_domain_best)
-        save_best(0, best)
+    if not best_path.is_file():  # zero epochs: the untrained autoencoder
+        sched.start_from(score())
+        save_best(0)
     best_t, _ = ckpt.load(best_path, stage=STAGE, fingerprint=data.fingerprint)
     extra = {"variant": cfg.temperature}
     if cfg.temperature != "none":
         tau = best_t["tau"]
         extra["tau_by_bucket"] = tau_by_bucket(tau, data)
         extra["tau_min_max"] = (float(tau.min()), float(tau.max()))
-        extra["tau_at_bounds"] = float(
-            ((tau <= cfg.tau_min * (1 + 1e-6)) | (tau >= cfg.tau_max * (1 - 1e-6))).float().mean()
-        )
+        at_bounds = (tau <= cfg.tau_min * (1 + 1e-6)) | (tau >= cfg.tau_max * (1 - 1e-6))
+        extra["tau_at_bounds"] = float(at_bounds.float().mean())
     return loop.SeedResult(
-        STAGE, seed, best_path, best_epoch, best, epochs_run, timer.elapsed(), per_domain_best, extra
+        STAGE, seed, best_path, sched.best_epoch, sched.best, sched.epochs_run, timer.elapsed(), sched.per_domain, extra
     )
-
-
-def _opt_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return out
-
-
-def _opt_state_from(t: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> dict:
-    sd = opt.state_dict()
-    state: dict = {}
-    for key, v in t.items():
-        if key.startswith("opt."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
-    sd["state"] = state
-    return sd

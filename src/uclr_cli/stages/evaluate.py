@@ -1,4 +1,4 @@
-"""Evaluate every model of a run folder on the fixed candidates (DESIGN §4).
+"""Evaluate every model of a run folder on the fixed candidates (docs/design.md §4).
 
 For each ``seed-*`` folder and each variant it holds (see
 :mod:`uclr_cli.trained`), every domain's candidates of one split are

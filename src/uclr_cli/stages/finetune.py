@@ -81,6 +81,7 @@ def run_domain(
             return loop.valid_scores(data, ae(lora.weight()), item_table(), data.valid, [domain])
 
     def trained_tensors() -> dict[str, torch.Tensor]:
+        """What the finetune checkpoint holds: the adapter and every part that trains."""
         out = {"lora_a": lora.lora_a, "lora_b": lora.lora_b}
         if cfg.train_ae:
             out.update(ae_tensors(ae))
@@ -90,46 +91,33 @@ def run_domain(
             out.update(temps.tensors())
         return out
 
-    def save_best(epoch: int, best: float) -> None:
-        meta = loop.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=best, **meta_extra)
+    def save_best(epoch: int) -> None:
+        meta = loop.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=sched.best, **meta_extra)
         ckpt.save(best_path, trained_tensors(), meta)
 
-    per_domain_best = score()
-    best, best_epoch, bad, start = loop.mean_score(per_domain_best), 0, 0, 1
+    sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
     if resume and state_path.is_file():
-        t, meta = ckpt.load(
-            state_path,
-            stage=STAGE + "-resume",
-            fingerprint=data.fingerprint,
-            expect={"config": config, "seed": seed, "contrast_sha256": con_sha, "domain": domain},
-            may_differ={"config": ckpt.RESUME_MAY_DIFFER},
-        )
-        with torch.no_grad():
-            lora.lora_a.copy_(t["lora_a"])
-            lora.lora_b.copy_(t["lora_b"])
-            if cfg.train_ae:
-                load_ae(ae, t)
-            if cfg.train_items:
-                dom_items.copy_(t["domain_items"])
-        if cfg.train_tau:
-            temps.load(t)
+        expect = {"contrast_sha256": con_sha, "domain": domain}
+        t = loop.load_state(state_path, STAGE, data, seed, config, sched, gen, expect=expect)
+        loop.restore(t, {"lora_a": lora.lora_a, "lora_b": lora.lora_b}, state_path)
+        if cfg.train_ae:
+            load_ae(ae, t)
+        if cfg.train_items:
+            loop.restore(t, {"domain_items": dom_items}, state_path)
+        # log u moves every step even when τ does not train: the state always holds it
+        temps.load(t)
         load_torch_optimizer_tensors(opt, list(params), t)
-        gen.set_state(t["rng"].to(torch.uint8))
-        start, best, best_epoch, bad = meta["epoch"] + 1, meta["best_score"], meta["best_epoch"], meta["bad"]
-        per_domain_best = meta["per_domain"]
-        if meta["bad"] >= cfg.patience or meta["epoch"] >= cfg.epochs:  # finished (a larger --epochs continues)
-            start = cfg.epochs + 1
     else:
-        save_best(0, best)  # the zero adapter: exactly the contrast model
+        sched.start_from(score())
+        save_best(0)  # the zero adapter: exactly the contrast model
 
     sel = data.train_domain == d
     tu, ti = data.train_user[sel].to(device), data.train_item[sel].to(device)
     td = torch.full_like(tu, d)
     sampler = NegativeSampler(data, device)
     n = len(tu)
-    epochs_run = start - 1
-    for epoch in range(start, cfg.epochs + 1):
-        epochs_run = epoch
+    thru = loop.Throughput()
+    for epoch in sched.epochs_to_run():
         t0 = loop.Timer()
         perm = torch.randperm(n, generator=gen, device=device)
         total = torch.zeros((), device=device)
@@ -154,43 +142,30 @@ def run_domain(
             if step is not None:
                 temps.update(b, step.log_u, step.grad_tau, train_tau=cfg.train_tau)
             total += value * len(idx)
-        epoch_loss = float(total) / max(n, 1)
+        epoch_loss = float(total) / max(n, 1)  # a host sync: the epoch's training is done
+        train_s = t0.elapsed()
+        speed = thru.add(n, train_s)
         loop.check_finite(epoch_loss, f"{STAGE} {domain}", seed, epoch)
-        speed = n / max(t0.elapsed(), 1e-9)
-        sc = None
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            per_domain = score()
-            sc = loop.mean_score(per_domain)
-            if sc > best:
-                best, best_epoch, bad, per_domain_best = sc, epoch, 0, per_domain
-                save_best(epoch, best)
-            else:
-                bad += 1
-        done = bad >= cfg.patience or epoch == cfg.epochs
-        # trained_tensors() holds the adapter and every trained part; τ state rides along for resume
-        tensors = {
-            **trained_tensors(),
-            **temps.tensors(),
-            **torch_optimizer_tensors(opt, list(params)),
-            "rng": gen.get_state(),
-        }
-        meta = loop.base_meta(
-            STAGE + "-resume",
-            data,
-            seed,
-            config,
-            epoch=epoch,
-            best_score=best,
-            best_epoch=best_epoch,
-            bad=bad,
-            per_domain=per_domain_best,
-            done=done,
-            **meta_extra,
-        )
-        ckpt.save(state_path, tensors, meta)
+        sc, improved = sched.validate(epoch, score)
+        if improved:
+            save_best(epoch)
+        done = sched.done(epoch)
+        tensors = {**trained_tensors(), **temps.tensors(), **torch_optimizer_tensors(opt, list(params))}
+        loop.save_state(state_path, STAGE, data, seed, config, sched, epoch, done, tensors, gen, **meta_extra)
         if progress:
             progress(
-                loop.EpochEvent(f"{STAGE} {domain}", seed, epoch, cfg.epochs, epoch_loss, sc, speed, best, best_epoch)
+                loop.EpochEvent(
+                    f"{STAGE} {domain}",
+                    seed,
+                    epoch,
+                    cfg.epochs,
+                    epoch_loss,
+                    sc,
+                    speed,
+                    sched.best,
+                    sched.best_epoch,
+                    epoch_s=train_s,
+                )
             )
         if done:
             break
@@ -198,10 +173,10 @@ def run_domain(
         f"{STAGE} {domain}",
         seed,
         best_path,
-        best_epoch,
-        best,
-        epochs_run,
+        sched.best_epoch,
+        sched.best,
+        sched.epochs_run,
         timer.elapsed(),
-        per_domain_best,
+        sched.per_domain,
         {"domain": domain},
     )
