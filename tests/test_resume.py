@@ -25,6 +25,7 @@ from uclr_cli import checkpoint as ckpt
 from uclr_cli import layout
 from uclr_cli.config import BaselineConfig, ContrastConfig, FinetuneConfig, PretrainConfig
 from uclr_cli.data.dataset import load_prepared
+from uclr_cli.models.autoencoder import AutoEncoder
 from uclr_cli.stages import baseline, contrast, finetune, pretrain
 
 PRE = dict(dim=16, batch_size=256, lr=0.01, epochs=3, patience=10, device="cpu", save_every=0)
@@ -166,3 +167,26 @@ def test_finetune_sigkill_anywhere_resumes_bit_identical(tiny_data, base_run, tm
     name = layout.finetune_name("books")
     for n in (name, layout.resume_name(name)):
         same_files(layout.seed_dir(tmp_path / "ref", 0) / n, layout.seed_dir(tmp_path / "cut", 0) / n)
+
+
+def test_contrast_resume_reads_the_old_optimizer_layout(data, base_run, tmp_path):
+    """Resume states written before the one optimizer layout (``opt.<index>.<field>``) still resume exactly."""
+    cfg = ContrastConfig(**CON)
+    for name in ("ref", "cut"):
+        layout.seed_dir(tmp_path / name, 0).mkdir(parents=True)
+        shutil.copy(layout.seed_dir(base_run, 0) / layout.PRETRAIN, layout.seed_dir(tmp_path / name, 0))
+    contrast.run_seed(cfg, data, tmp_path / "ref", 0)
+    with pytest.raises(Killed):
+        contrast.run_seed(cfg, data, tmp_path / "cut", 0, progress=kill_after(1))
+    state = layout.seed_dir(tmp_path / "cut", 0) / layout.resume_name(layout.CONTRAST["individual"])
+    t, meta = load_file(str(state)), ckpt.read_header(state)
+    old = {k: v for k, v in t.items() if not k.startswith("opt.")}
+    params = [f"ae.{k}" for k, _ in AutoEncoder(16, CON["hidden"]).named_parameters()]
+    for i, p in enumerate(params):
+        for field in ("step", "exp_avg", "exp_avg_sq"):
+            old[f"opt.{i}.{field}"] = t.pop(f"opt.{field}.{p}")
+    assert not any(k.startswith("opt.") for k in t)  # every moment was moved to the old names
+    ckpt.save(state, old, {k: v for k, v in meta.items() if k not in ("format_version", "package_version")})
+    contrast.run_seed(cfg, data, tmp_path / "cut", 0, resume=True)
+    name = layout.CONTRAST["individual"]
+    same_files(layout.seed_dir(tmp_path / "ref", 0) / name, layout.seed_dir(tmp_path / "cut", 0) / name)
