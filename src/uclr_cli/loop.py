@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from uclr_cli import checkpoint as ckpt
+from uclr_cli import layout
 from uclr_cli.data.dataset import Dataset, EvalSplit
 from uclr_cli.errors import CheckpointError, ConfigError, DataError, TrainingError
 from uclr_cli.metrics import rank_candidates, summarize
@@ -157,6 +158,7 @@ class Schedule:
         self.start, self.last = 1, 0
         self.best, self.best_epoch, self.bad = -math.inf, 0, 0
         self.per_domain: dict[str, float] = {}
+        self.throughput, self.epoch_s = Throughput(), math.nan
 
     def start_from(self, per_domain: dict[str, float]) -> None:
         """Make the starting model (epoch 0) the one to beat."""
@@ -183,6 +185,24 @@ class Schedule:
         self.bad += 1
         return value, False
 
+    def trained(self, samples: int, seconds: float) -> None:
+        """Record an epoch's training (batch loop only) for the throughput figure."""
+        self.epoch_s = seconds
+        self.throughput.add(samples, seconds)
+
+    def event(self, stage: str, seed: int, epoch: int, loss: float, score: float | None, extra=None) -> EpochEvent:
+        t = self.throughput
+        speed = t.samples / max(t.seconds, 1e-9)
+        return EpochEvent(
+            stage, seed, epoch, self.epochs, loss, score, speed, self.best, self.best_epoch, extra or {}, self.epoch_s
+        )
+
+    def result(self, stage: str, seed: int, path: Path, timer: Timer, per_domain=None, extra=None) -> SeedResult:
+        per_domain = self.per_domain if per_domain is None else per_domain
+        return SeedResult(
+            stage, seed, path, self.best_epoch, self.best, self.epochs_run, timer.elapsed(), per_domain, extra or {}
+        )
+
     def done(self, epoch: int) -> bool:
         return self.bad >= self.patience or epoch == self.epochs
 
@@ -206,48 +226,53 @@ class Schedule:
             self.start = self.epochs + 1
 
 
-def load_state(
-    path: Path,
-    stage: str,
-    data: Dataset,
-    seed: int,
-    config: dict,
-    sched: Schedule,
-    gen: torch.Generator,
-    expect: dict | None = None,
-) -> dict[str, torch.Tensor]:
-    """Read a resume state (checked: stage, dataset, seed, config but the settings a resume may change,
-    and ``expect``), restore ``sched`` and ``gen``; the stage restores its own tensors from the result."""
-    t, meta = ckpt.load(
-        path,
-        stage=stage + "-resume",
-        fingerprint=data.fingerprint,
-        expect={"config": config, "seed": seed, **(expect or {})},
-        may_differ={"config": ckpt.RESUME_MAY_DIFFER},
-    )
-    if "rng" not in t:
-        raise CheckpointError("resume state has no generator state (tensor 'rng')", path)
-    sched.restore(meta)
-    gen.set_state(t["rng"].to(torch.uint8))
-    return t
+@dataclass
+class Outputs:
+    """One stage's files for one seed (the best checkpoint and its resume state) and what their headers carry.
 
+    ``meta`` holds what both headers record besides the stage, dataset, seed and
+    config (shapes, the sha256 of the checkpoints the stage was built from...).
+    """
 
-def save_state(
-    path: Path,
-    stage: str,
-    data: Dataset,
-    seed: int,
-    config: dict,
-    sched: Schedule,
-    epoch: int,
-    done: bool,
-    tensors: dict[str, torch.Tensor],
-    gen: torch.Generator,
-    **extra,
-) -> None:
-    """Write the resume state after ``epoch``: the stage's tensors, the generator and the schedule."""
-    meta = base_meta(stage + "-resume", data, seed, config, **sched.meta(epoch, done), **extra)
-    ckpt.save(path, {**tensors, "rng": gen.get_state()}, meta)
+    stage: str
+    data: Dataset
+    seed: int
+    config: dict
+    best: Path
+    state: Path
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, stage: str, data: Dataset, run_dir: Path, seed: int, name: str, config: dict) -> Outputs:
+        folder = layout.seed_dir(run_dir, seed)
+        return cls(stage, data, seed, config, folder / name, folder / layout.resume_name(name))
+
+    def save_best(self, tensors: dict[str, torch.Tensor], epoch: int, best: float) -> None:
+        meta = base_meta(self.stage, self.data, self.seed, self.config, epoch=epoch, best_score=best, **self.meta)
+        ckpt.save(self.best, tensors, meta)
+
+    def load_state(self, sched: Schedule, gen: torch.Generator, expect: dict | None = None) -> dict[str, torch.Tensor]:
+        """Read the resume state (checked: stage, dataset, seed, config but the settings a resume may change,
+        and ``expect``), restore ``sched`` and ``gen``; the stage restores its own tensors from the result."""
+        t, meta = ckpt.load(
+            self.state,
+            stage=self.stage + "-resume",
+            fingerprint=self.data.fingerprint,
+            expect={"config": self.config, "seed": self.seed, **(expect or {})},
+            may_differ={"config": ckpt.RESUME_MAY_DIFFER},
+        )
+        if "rng" not in t:
+            raise CheckpointError("resume state has no generator state (tensor 'rng')", self.state)
+        sched.restore(meta)
+        gen.set_state(t["rng"].to(torch.uint8))
+        return t
+
+    def save_state(
+        self, sched: Schedule, epoch: int, done: bool, tensors: dict[str, torch.Tensor], gen: torch.Generator
+    ) -> None:
+        """Write the resume state after ``epoch``: the stage's tensors, the generator and the schedule."""
+        meta = base_meta(self.stage + "-resume", self.data, self.seed, self.config, **sched.meta(epoch, done))
+        ckpt.save(self.state, {**tensors, "rng": gen.get_state()}, {**meta, **self.meta})
 
 
 def restore(tensors: dict[str, torch.Tensor], into: dict[str, torch.Tensor], path: Path) -> None:

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from uclr_cli import checkpoint as ckpt
 from uclr_cli import layout, loop
 from uclr_cli.config import BASELINE_OPTIONS, BaselineConfig
 from uclr_cli.data.dataset import Dataset, sha256_file
@@ -141,10 +140,9 @@ def run_domain(
     domain = data.domains[d]
     lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
     stage = stage_name(kind)
-    out_dir = layout.seed_dir(run_dir, seed)
-    name = layout.baseline_name(kind, domain)
-    best_path, state_path = out_dir / name, out_dir / layout.resume_name(name)
     config = model_config(cfg, kind)
+    out = loop.Outputs.of(stage, data, run_dir, seed, layout.baseline_name(kind, domain), config)
+    out_dir = out.best.parent
     timer = loop.Timer()
 
     towers: dict[str, str] = {}
@@ -159,26 +157,22 @@ def run_domain(
         model.init_from_towers(*(load_baseline(out_dir, t, data, domain, device) for t in TOWERS), alpha=ALPHA)
     opt = _Optimizers(kind, model, cfg)
     gen = loop.generator(device, seed, 100 + 8 * d + k)
-    meta_extra = dict(domain=domain, dim=cfg.dim, n_users=data.n_users, item_offset=lo, n_items=hi - lo)
+    out.meta = dict(domain=domain, dim=cfg.dim, n_users=data.n_users, item_offset=lo, n_items=hi - lo)
     if towers:
-        meta_extra["towers_sha256"] = towers
-
-    def save_best(epoch: int) -> None:
-        meta = loop.base_meta(stage, data, seed, config, epoch=epoch, best_score=sched.best, **meta_extra)
-        ckpt.save(best_path, model.tensors(), meta)
+        out.meta["towers_sha256"] = towers
 
     def score() -> dict[str, float]:
         model.eval()
         return {domain: baseline_valid_score(model, data, domain)}
 
     sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
-    if resume and state_path.is_file():
+    if resume and out.state.is_file():
         expect = {"domain": domain, "towers_sha256": towers or None}
-        t = loop.load_state(state_path, stage, data, seed, config, sched, gen, expect=expect)
+        t = out.load_state(sched, gen, expect=expect)
         try:
             model.load_tensors({n: t[n] for n in model.tensors()})
         except (KeyError, ValueError) as e:
-            raise CheckpointError(f"resume state does not match the model ({e})", state_path) from None
+            raise CheckpointError(f"resume state does not match the model ({e})", out.state) from None
         opt.load_state_tensors(t)
 
     sel = data.train_domain == d
@@ -187,7 +181,6 @@ def run_domain(
     sampler = NegativeSampler(data, device)
     n_neg = cfg.negatives if kind in ("neumf", "gmf", "mlp") else 1
     n = len(tu)
-    thru = loop.Throughput()
     for epoch in sched.epochs_to_run():
         t0 = loop.Timer()
         perm = torch.randperm(n, generator=gen, device=device)
@@ -212,47 +205,23 @@ def run_domain(
                 opt.step()
             total += loss.detach() * len(idx)
         epoch_loss = float(total) / max(n, 1)  # a host sync: the epoch's training is done
-        train_s = t0.elapsed()
-        speed = thru.add(n, train_s)
+        sched.trained(n, t0.elapsed())
         loop.check_finite(epoch_loss, f"{stage} {domain}", seed, epoch)
         sc, improved = sched.validate(epoch, score)
         if improved:
-            save_best(epoch)
+            out.save_best(model.tensors(), epoch, sched.best)
         done = sched.done(epoch)
         tensors = {**model.tensors(), **opt.state_tensors()}
-        loop.save_state(state_path, stage, data, seed, config, sched, epoch, done, tensors, gen, **meta_extra)
+        out.save_state(sched, epoch, done, tensors, gen)
         if progress:
-            progress(
-                loop.EpochEvent(
-                    f"{stage} {domain}",
-                    seed,
-                    epoch,
-                    cfg.epochs,
-                    epoch_loss,
-                    sc,
-                    speed,
-                    sched.best,
-                    sched.best_epoch,
-                    epoch_s=train_s,
-                )
-            )
+            progress(sched.event(f"{stage} {domain}", seed, epoch, epoch_loss, sc))
         if done:
             break
 
-    if not best_path.is_file():  # zero epochs: save the initial model
+    if not out.best.is_file():  # zero epochs: save the initial model
         sched.start_from(score())
-        save_best(0)
-    return loop.SeedResult(
-        f"{stage} {domain}",
-        seed,
-        best_path,
-        sched.best_epoch,
-        sched.best,
-        sched.epochs_run,
-        timer.elapsed(),
-        {domain: sched.best},
-        {"domain": domain},
-    )
+        out.save_best(model.tensors(), 0, sched.best)
+    return sched.result(f"{stage} {domain}", seed, out.best, timer, {domain: sched.best}, {"domain": domain})
 
 
 def lightgcn_objective(model: LightGCN, u: torch.Tensor, i: torch.Tensor, j: torch.Tensor, reg: float) -> torch.Tensor:

@@ -47,11 +47,9 @@ def run_seed(
 ) -> loop.SeedResult:
     """Train one seed's autoencoder; writes ``contrast[-variant].safetensors`` (best on valid)."""
     device = loop.resolve_device(cfg.device)
-    out_dir = layout.seed_dir(run_dir, seed)
-    pre_path = loop.require(out_dir / layout.PRETRAIN, "pretrain checkpoint")
-    name = layout.CONTRAST[cfg.temperature]
-    best_path, state_path = out_dir / name, out_dir / layout.resume_name(name)
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
+    out = loop.Outputs.of(STAGE, data, run_dir, seed, layout.CONTRAST[cfg.temperature], config)
+    pre_path = loop.require(out.best.parent / layout.PRETRAIN, "pretrain checkpoint")
     timer = loop.Timer()
 
     users_e, items_e, _ = load_pretrain(pre_path, data)
@@ -64,25 +62,23 @@ def run_seed(
     opt_names = [f"ae.{k}" for k, _ in ae.named_parameters()]
     temps = TemperatureState(data.n_users, cfg, device)
     gen = loop.generator(device, seed, 2)
-    meta_extra = dict(dim=dim, hidden=cfg.hidden, temperature=cfg.temperature, pretrain_sha256=pre_sha)
+    out.meta = dict(dim=dim, hidden=cfg.hidden, temperature=cfg.temperature, pretrain_sha256=pre_sha)
 
     def score() -> dict[str, float]:
         with torch.no_grad():
             return loop.valid_scores(data, ae(E), items, data.valid)
 
     def save_best(epoch: int) -> None:
-        meta = loop.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=sched.best, **meta_extra)
-        ckpt.save(best_path, {**ae_tensors(ae), **temps.tensors()}, meta)
+        out.save_best({**ae_tensors(ae), **temps.tensors()}, epoch, sched.best)
 
     sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
-    if resume and state_path.is_file():
-        t = loop.load_state(state_path, STAGE, data, seed, config, sched, gen, expect={"pretrain_sha256": pre_sha})
+    if resume and out.state.is_file():
+        t = out.load_state(sched, gen, expect={"pretrain_sha256": pre_sha})
         load_ae(ae, t)
         temps.load(t)
         load_torch_optimizer_tensors(opt, opt_names, t)
 
     n = data.n_users
-    thru = loop.Throughput()
     for epoch in sched.epochs_to_run():
         t0 = loop.Timer()
         perm = torch.randperm(n, generator=gen, device=device)
@@ -99,38 +95,23 @@ def run_seed(
                 temps.update(b, step.log_u, step.grad_tau)
             total += value * len(b)
         epoch_loss = float(total) / n  # a host sync: the epoch's training is done
-        train_s = t0.elapsed()
-        speed = thru.add(n, train_s)
+        sched.trained(n, t0.elapsed())
         loop.check_finite(epoch_loss, STAGE, seed, epoch)
         sc, improved = sched.validate(epoch, score)
         if improved:
             save_best(epoch)
         done = sched.done(epoch)
         tensors = {**ae_tensors(ae), **temps.tensors(), **torch_optimizer_tensors(opt, opt_names)}
-        loop.save_state(state_path, STAGE, data, seed, config, sched, epoch, done, tensors, gen, **meta_extra)
+        out.save_state(sched, epoch, done, tensors, gen)
         if progress:
             extra = {"tau_mean": f"{float(temps.tau.mean()):.4f}"} if cfg.temperature != "none" else {}
-            progress(
-                loop.EpochEvent(
-                    STAGE,
-                    seed,
-                    epoch,
-                    cfg.epochs,
-                    epoch_loss,
-                    sc,
-                    speed,
-                    sched.best,
-                    sched.best_epoch,
-                    extra,
-                    epoch_s=train_s,
-                )
-            )
+            progress(sched.event(STAGE, seed, epoch, epoch_loss, sc, extra))
         if done:
             break
-    if not best_path.is_file():  # zero epochs: the untrained autoencoder
+    if not out.best.is_file():  # zero epochs: the untrained autoencoder
         sched.start_from(score())
         save_best(0)
-    best_t, _ = ckpt.load(best_path, stage=STAGE, fingerprint=data.fingerprint)
+    best_t, _ = ckpt.load(out.best, stage=STAGE, fingerprint=data.fingerprint)
     extra = {"variant": cfg.temperature}
     if cfg.temperature != "none":
         tau = best_t["tau"]
@@ -138,6 +119,4 @@ def run_seed(
         extra["tau_min_max"] = (float(tau.min()), float(tau.max()))
         at_bounds = (tau <= cfg.tau_min * (1 + 1e-6)) | (tau >= cfg.tau_max * (1 - 1e-6))
         extra["tau_at_bounds"] = float(at_bounds.float().mean())
-    return loop.SeedResult(
-        STAGE, seed, best_path, sched.best_epoch, sched.best, sched.epochs_run, timer.elapsed(), sched.per_domain, extra
-    )
+    return sched.result(STAGE, seed, out.best, timer, extra=extra)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from uclr_cli import checkpoint as ckpt
 from uclr_cli import layout, loop
 from uclr_cli.config import FinetuneConfig
 from uclr_cli.contrastive import combined_loss
@@ -43,12 +42,10 @@ def run_domain(
     """Finetune one seed on one domain; writes ``finetune-<domain>.safetensors``."""
     device = loop.resolve_device(cfg.device)
     d = data.domain_index(domain)
-    out_dir = layout.seed_dir(run_dir, seed)
-    pre_path = loop.require(out_dir / layout.PRETRAIN, "pretrain checkpoint")
-    con_path = loop.require(out_dir / layout.CONTRAST["individual"], "contrast checkpoint")
-    name = layout.finetune_name(domain)
-    best_path, state_path = out_dir / name, out_dir / layout.resume_name(name)
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds", "domain"})
+    out = loop.Outputs.of(STAGE, data, run_dir, seed, layout.finetune_name(domain), config)
+    pre_path = loop.require(out.best.parent / layout.PRETRAIN, "pretrain checkpoint")
+    con_path = loop.require(out.best.parent / layout.CONTRAST["individual"], "contrast checkpoint")
     timer = loop.Timer()
 
     users_e, items_e, _ = load_pretrain(pre_path, data)
@@ -69,7 +66,7 @@ def run_domain(
     if cfg.train_items:
         params["items"] = dom_items
     opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
-    meta_extra = dict(
+    out.meta = dict(
         domain=domain, rank=cfg.rank, dim=users_e.shape[1], pretrain_sha256=pre_sha, contrast_sha256=con_sha
     )
 
@@ -91,32 +88,26 @@ def run_domain(
             out.update(temps.tensors())
         return out
 
-    def save_best(epoch: int) -> None:
-        meta = loop.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=sched.best, **meta_extra)
-        ckpt.save(best_path, trained_tensors(), meta)
-
     sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
-    if resume and state_path.is_file():
-        expect = {"contrast_sha256": con_sha, "domain": domain}
-        t = loop.load_state(state_path, STAGE, data, seed, config, sched, gen, expect=expect)
-        loop.restore(t, {"lora_a": lora.lora_a, "lora_b": lora.lora_b}, state_path)
+    if resume and out.state.is_file():
+        t = out.load_state(sched, gen, expect={"contrast_sha256": con_sha, "domain": domain})
+        loop.restore(t, {"lora_a": lora.lora_a, "lora_b": lora.lora_b}, out.state)
         if cfg.train_ae:
             load_ae(ae, t)
         if cfg.train_items:
-            loop.restore(t, {"domain_items": dom_items}, state_path)
+            loop.restore(t, {"domain_items": dom_items}, out.state)
         # log u moves every step even when τ does not train: the state always holds it
         temps.load(t)
         load_torch_optimizer_tensors(opt, list(params), t)
     else:
         sched.start_from(score())
-        save_best(0)  # the zero adapter: exactly the contrast model
+        out.save_best(trained_tensors(), 0, sched.best)  # the zero adapter: exactly the contrast model
 
     sel = data.train_domain == d
     tu, ti = data.train_user[sel].to(device), data.train_item[sel].to(device)
     td = torch.full_like(tu, d)
     sampler = NegativeSampler(data, device)
     n = len(tu)
-    thru = loop.Throughput()
     for epoch in sched.epochs_to_run():
         t0 = loop.Timer()
         perm = torch.randperm(n, generator=gen, device=device)
@@ -143,40 +134,16 @@ def run_domain(
                 temps.update(b, step.log_u, step.grad_tau, train_tau=cfg.train_tau)
             total += value * len(idx)
         epoch_loss = float(total) / max(n, 1)  # a host sync: the epoch's training is done
-        train_s = t0.elapsed()
-        speed = thru.add(n, train_s)
+        sched.trained(n, t0.elapsed())
         loop.check_finite(epoch_loss, f"{STAGE} {domain}", seed, epoch)
         sc, improved = sched.validate(epoch, score)
         if improved:
-            save_best(epoch)
+            out.save_best(trained_tensors(), epoch, sched.best)
         done = sched.done(epoch)
         tensors = {**trained_tensors(), **temps.tensors(), **torch_optimizer_tensors(opt, list(params))}
-        loop.save_state(state_path, STAGE, data, seed, config, sched, epoch, done, tensors, gen, **meta_extra)
+        out.save_state(sched, epoch, done, tensors, gen)
         if progress:
-            progress(
-                loop.EpochEvent(
-                    f"{STAGE} {domain}",
-                    seed,
-                    epoch,
-                    cfg.epochs,
-                    epoch_loss,
-                    sc,
-                    speed,
-                    sched.best,
-                    sched.best_epoch,
-                    epoch_s=train_s,
-                )
-            )
+            progress(sched.event(f"{STAGE} {domain}", seed, epoch, epoch_loss, sc))
         if done:
             break
-    return loop.SeedResult(
-        f"{STAGE} {domain}",
-        seed,
-        best_path,
-        sched.best_epoch,
-        sched.best,
-        sched.epochs_run,
-        timer.elapsed(),
-        sched.per_domain,
-        {"domain": domain},
-    )
+    return sched.result(f"{STAGE} {domain}", seed, out.best, timer, extra={"domain": domain})

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from uclr_cli import checkpoint as ckpt
 from uclr_cli import layout, loop
 from uclr_cli.config import PretrainConfig
 from uclr_cli.data.dataset import Dataset
@@ -41,10 +40,9 @@ def run_seed(
 ) -> loop.SeedResult:
     """Train one seed; writes ``seed-<s>/pretrain.safetensors`` (best on valid)."""
     device = loop.resolve_device(cfg.device)
-    out_dir = layout.seed_dir(run_dir, seed)
-    best_path = out_dir / layout.PRETRAIN
-    state_path = out_dir / layout.resume_name(layout.PRETRAIN)
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
+    out = loop.Outputs.of(STAGE, data, run_dir, seed, layout.PRETRAIN, config)
+    out.meta = {"dim": cfg.dim}
     timer = loop.Timer()
 
     users, items = init_tables(data, cfg, seed, device)
@@ -69,27 +67,19 @@ def run_seed(
         return opt.state_tensors() if rowwise else torch_optimizer_tensors(opt, names)
 
     sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
-    if resume and state_path.is_file():
-        t = loop.load_state(state_path, STAGE, data, seed, config, sched, gen)
-        loop.restore(t, tables(), state_path)
+    if resume and out.state.is_file():
+        t = out.load_state(sched, gen)
+        loop.restore(t, tables(), out.state)
         if rowwise:
             opt.load_state_tensors(t)
         else:
             load_torch_optimizer_tensors(opt, names, t)
-
-    def save_best(epoch: int, tensors: dict[str, torch.Tensor]) -> None:
-        ckpt.save(
-            best_path,
-            tensors,
-            loop.base_meta(STAGE, data, seed, config, epoch=epoch, best_score=sched.best, dim=cfg.dim),
-        )
 
     n = len(tu)
     # The best tables and the resume state are written together, at most every cfg.save_every seconds (and
     # at the end): at the Amazon shape they are ~200 MB an epoch, as long as a GPU epoch. A kill resumes
     # from the last write, so the two files always agree.
     pending_best, last_save = None, loop.Timer()
-    thru = loop.Throughput()
     for epoch in sched.epochs_to_run():
         t0 = loop.Timer()
         perm = torch.randperm(n, generator=gen, device=device)
@@ -107,45 +97,27 @@ def run_seed(
                 opt.step()
             total += loss.detach() * len(idx)
         epoch_loss = float(total) / max(n, 1)  # a host sync: the epoch's training is done
-        train_s = t0.elapsed()
-        speed = thru.add(n, train_s)
+        sched.trained(n, t0.elapsed())
         loop.check_finite(epoch_loss, STAGE, seed, epoch)
 
         with torch.no_grad():
             score, improved = sched.validate(epoch, lambda: loop.valid_scores(data, *tables().values(), data.valid))
         if improved:
-            pending_best = (epoch, {k: v.clone() for k, v in tables().items()})
+            pending_best = ({k: v.clone() for k, v in tables().items()}, epoch)
         done = sched.done(epoch)
         if done or last_save.elapsed() >= cfg.save_every:
             if pending_best is not None:
-                save_best(*pending_best)
+                out.save_best(*pending_best, sched.best)
                 pending_best = None
-            loop.save_state(
-                state_path, STAGE, data, seed, config, sched, epoch, done, {**tables(), **opt_tensors()}, gen
-            )
+            out.save_state(sched, epoch, done, {**tables(), **opt_tensors()}, gen)
             last_save = loop.Timer()
         if progress:
-            progress(
-                loop.EpochEvent(
-                    STAGE,
-                    seed,
-                    epoch,
-                    cfg.epochs,
-                    epoch_loss,
-                    score,
-                    speed,
-                    sched.best,
-                    sched.best_epoch,
-                    epoch_s=train_s,
-                )
-            )
+            progress(sched.event(STAGE, seed, epoch, epoch_loss, score))
         if done:
             break
 
-    if not best_path.is_file():  # zero epochs: save the initial tables
+    if not out.best.is_file():  # zero epochs: save the initial tables
         with torch.no_grad():
             sched.start_from(loop.valid_scores(data, *tables().values(), data.valid))
-        save_best(0, tables())
-    return loop.SeedResult(
-        STAGE, seed, best_path, sched.best_epoch, sched.best, sched.epochs_run, timer.elapsed(), sched.per_domain
-    )
+        out.save_best(tables(), 0, sched.best)
+    return sched.result(STAGE, seed, out.best, timer)
