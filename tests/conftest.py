@@ -22,7 +22,7 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
-def run_cli(*args: str, cwd: Path | None = None):
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
     """Invoke `uclr` in-process; returns the click Result (exit_code, stdout, stderr)."""
     import os
 
@@ -31,6 +31,6 @@ def run_cli(*args: str, cwd: Path | None = None):
     try:
         if cwd is not None:
             os.chdir(cwd)
-        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False, env=env)
     finally:
         os.chdir(old)

@@ -57,9 +57,10 @@ def test_ablate_three_seeds_end_to_end_and_skip(tiny_data, tmp_path):
     assert r2.exit_code == 0, r2.output
     assert r2.stderr.count("(done, skipped)") == 21
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == stamp
-    # a changed finetune setting retrains only the finetune steps
-    conf.write_text(TINY.replace("rank = 2", "rank = 3"))
-    r3 = run_cli("ablate", "--data", tiny_data, "--run", run, "--seeds", "0", "--config", conf, "--device", "cpu")
+    # a changed finetune setting (--set wins over the TOML's rank = 2) retrains only the finetune steps
+    r3 = run_cli(
+        "ablate", "--run", run, "--seeds", "0", "--config", conf, "--set", "finetune.rank=3", "--device", "cpu"
+    )  # no --data: the run folder records it
     assert r3.exit_code == 0, r3.output
     assert r3.stderr.count("(done, skipped)") == 4
     resolved = json.loads((run / "config.json").read_text())

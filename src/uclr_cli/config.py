@@ -2,16 +2,22 @@
 
 ``extra="forbid"`` everywhere: a typo in a config file or option is an
 error naming the key, never silently ignored (unlike a flat untyped config).
+Numbers and switches are strict (``StrictInt``, ``StrictFloat``, ``StrictBool``):
+``epochs = true`` or ``train_ae = 1`` in a TOML file is refused, not read as 1 or
+true; an integer is still a valid float. Paths stay lax (a TOML string is a Path).
+The CLI reads each option's help default from these models (cli/options.py).
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, model_validator
 
+from uclr_cli.data.split import DEFAULT_BUCKETS
 from uclr_cli.errors import ConfigError
 
 
@@ -21,24 +27,34 @@ class StageConfig(BaseModel):
 
 
 class PrepareConfig(StageConfig):
+    """`uclr prepare`: raw logs (or the built-in generator) to a prepared folder (docs/design.md §2)."""
+
     source: Literal["amazon", "douban", "files", "synthetic"]
     raw: Path | None = None
-    out: Path | None = None
-    domains: list[str] | None = None
-    min_rating: float | None = None
-    drop_items: float = Field(0.0, ge=0.0, lt=1.0)
-    negatives: int = Field(99, ge=1, le=10_000)
-    seed: int = Field(0, ge=0)
-    amazon_layout: Literal["auto", "user-item", "item-user"] = "auto"
-    user_col: str = "user"
-    item_col: str = "item"
-    rating_col: str = "rating"
-    time_col: str = "timestamp"
+    out: Path | None = Field(None, description="Output folder (default: data/<source>).")
+    domains: list[str] | None = Field(None, description="Comma-separated domains to keep (default: all).")
+    min_rating: StrictFloat | None = Field(None, description="Keep ratings >= R (default: every rating counts).")
+    drop_items: StrictFloat = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of each domain's items removed at random (paper's Amazon: 0.7)."
+    )
+    negatives: StrictInt = Field(99, ge=1, le=10_000, description="Negative candidates per valid/test row.")
+    seed: StrictInt = Field(0, ge=0, description="Seed of the split candidates (and the generator).")
+    amazon_layout: Literal["auto", "user-item", "item-user"] = Field(
+        "auto", description="Amazon CSV column order: auto | user-item | item-user."
+    )
+    user_col: str = Field("user", description="files: user column name.")
+    item_col: str = Field("item", description="files: item column name.")
+    rating_col: str = Field("rating", description="files: rating column name.")
+    time_col: str = Field("timestamp", description="files: timestamp column name.")
     # synthetic only
-    preset: Literal["default", "tiny", "amazon"] = "default"
-    users: int | None = Field(None, ge=2)
-    items: list[int] | None = None
-    interactions: list[int] | None = None
+    preset: Literal["default", "tiny", "amazon"] = Field(
+        "default", description="synthetic: default | tiny | amazon (the paper's Amazon shape)."
+    )
+    users: StrictInt | None = Field(None, ge=2, description="synthetic: number of users.")
+    items: list[StrictInt] | None = Field(None, description="synthetic: items per domain, comma-separated.")
+    interactions: list[StrictInt] | None = Field(
+        None, description="synthetic: interactions per domain, comma-separated."
+    )
 
     @model_validator(mode="after")
     def _raw_needed(self):
@@ -54,6 +70,12 @@ def format_validation_error(err: ValidationError, where_for=None) -> ConfigError
     msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
         msg = "unknown key"
+    elif isinstance(first.get("input"), bool) and first.get("type") in ("int_type", "float_type"):
+        msg = (
+            f"{key} must be {'an integer' if first['type'] == 'int_type' else 'a number'}, not {first['input']}".lower()
+        )
+    elif first.get("type") == "dict_type":
+        msg = f"{key} must be a table of options, not {first.get('input')!r}"
     if not key:  # a check across keys: name the first key the message mentions
         key = next((f for f in sorted(err.title and _fields(err), key=len, reverse=True) if f in msg), "")
     where = where_for(key) if where_for else (f"--{key.replace('_', '-')}" if key else "options")
@@ -84,21 +106,83 @@ def read_toml(path: Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def field_type(model: type[StageConfig], key: str):
+    """The plain type of a field: ``list[StrictInt] | None`` -> ``list[int]``, ``StrictFloat`` -> ``float``."""
+    return _plain(model.model_fields[key].annotation)
+
+
+def _plain(tp):
+    if get_origin(tp) is Annotated:
+        return _plain(get_args(tp)[0])
+    if get_origin(tp) in (Union, UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return _plain(args[0]) if len(args) == 1 else tp
+    if get_origin(tp) is list:
+        return list[_plain(get_args(tp)[0])]
+    return tp
+
+
+_TRUE = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def value_from_text(model: type[StageConfig], key: str, text: str) -> Any:
+    """Read a command-line string as the field's type; the model then checks the value.
+
+    Lists are comma-separated (``16,8``), switches true/false, numbers decimal;
+    a string that is not of the type is a ``ValueError`` saying what was expected.
+    """
+    tp = field_type(model, key)
+    if get_origin(tp) is list:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise ValueError("empty list")
+        (item,) = get_args(tp)
+        try:
+            return [_scalar(item, p) for p in parts]
+        except ValueError:
+            raise ValueError(f"cannot read {text!r} as a list of {item.__name__}") from None
+    return _scalar(tp, text.strip())
+
+
+def _scalar(tp, text: str) -> Any:
+    if tp is bool:
+        if text.lower() not in _TRUE:
+            raise ValueError(f"cannot read {text!r} as true or false")
+        return _TRUE[text.lower()]
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ValueError(f"cannot read {text!r} as {'an integer' if tp is int else 'a number'}") from None
+    return text  # str, Path and choices: the model checks them
+
+
 Device = Literal["auto", "cpu", "cuda"]
+
+# Descriptions are the command-line help (cli/options.py); the default is added from the field.
+DATA_HELP = (
+    "Prepared folder (default: the one the run folder's config.json records, "
+    "else `data` in ./uclr.toml, else the only one under data/)."
+)
+RUN_HELP = "Run folder (default: runs/<dataset name>)."
+DEVICE_HELP = "auto | cpu | cuda."
+PATIENCE_HELP = "Evaluations without improvement before stopping."
 
 
 class TrainConfig(StageConfig):
     """Options every training stage shares."""
 
-    data: Path | None = None
-    run: Path | None = None
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    epochs: int = Field(100, ge=0)
-    batch_size: int = Field(2048, ge=2)
-    lr: float = Field(1e-3, gt=0)
-    patience: int = Field(10, ge=1)
-    eval_every: int = Field(1, ge=1)
-    device: Device = "auto"
+    data: Path | None = Field(None, description=DATA_HELP)
+    run: Path | None = Field(None, description=RUN_HELP)
+    seeds: list[StrictInt] = Field(
+        default_factory=lambda: [0], min_length=1, description="Comma-separated seeds, e.g. 0,1,2,3,4."
+    )
+    epochs: StrictInt = Field(100, ge=0, description="Maximum epochs.")
+    batch_size: StrictInt = Field(2048, ge=2, description="Positives per step.")
+    lr: StrictFloat = Field(1e-3, gt=0, description="Adam learning rate.")
+    patience: StrictInt = Field(10, ge=1, description=PATIENCE_HELP)
+    eval_every: StrictInt = Field(1, ge=1, description="Validate every N epochs.")
+    device: Device = Field("auto", description=DEVICE_HELP)
 
     @model_validator(mode="after")
     def _seeds(self):
@@ -112,35 +196,47 @@ class TrainConfig(StageConfig):
 class PretrainConfig(TrainConfig):
     """PGE: BPR-MF over all domains (paper §3.3)."""
 
-    dim: int = Field(128, ge=1)
-    reg: float = Field(1e-5, ge=0)
-    init_std: float = Field(0.1, gt=0)
+    dim: StrictInt = Field(128, ge=1, description="Embedding size m.")
+    reg: StrictFloat = Field(1e-5, ge=0, description="L2 weight λ on the rows of a batch.")
+    init_std: StrictFloat = Field(0.1, gt=0, description="Std of the normal initial embeddings.")
     # "adam": dense Adam, the paper's setting. "rowwise-adam": Adam on the rows a
     # batch touches (lazy Adam). "rowwise-rmsprop" (default): exactly dense Adam
     # with beta1 = 0, computed on the touched rows; above dense Adam on Douban
     # validation (5 seeds) and several times faster. Numbers: docs/results.md.
-    optimizer: Literal["adam", "rowwise-adam", "rowwise-rmsprop"] = "rowwise-rmsprop"
-    epochs: int = Field(200, ge=0)
+    optimizer: Literal["adam", "rowwise-adam", "rowwise-rmsprop"] = Field(
+        "rowwise-rmsprop",
+        description=(
+            "rowwise-rmsprop (Adam with beta1=0 on the touched rows) | "
+            "rowwise-adam (Adam on the touched rows) | adam (dense, the paper's)."
+        ),
+    )
+    epochs: StrictInt = Field(200, ge=0, description="Maximum epochs.")
     # Seconds between writes of the resume state and best checkpoint (0: every epoch). A kill or
     # Ctrl-C resumes from the last write; the run's end is always written.
-    save_every: float = Field(30.0, ge=0)
+    save_every: StrictFloat = Field(30.0, ge=0, description="Seconds between resume checkpoints; 0 = every epoch.")
 
 
 class ContrastLossConfig(StageConfig):
     """The user-aware contrastive loss and its temperature state (docs/design.md §3)."""
 
-    temperature: Literal["individual", "global", "none"] = "individual"
-    mask: Literal["row", "element"] = "element"
-    mask_ratio: float = Field(0.3, ge=0.0, lt=1.0)
-    alpha: float = Field(1e-3, ge=0)
-    tau_min: float = Field(1e-5, gt=0)
-    tau_max: float = Field(1.0, gt=0)
-    tau_init: float = Field(0.1, gt=0)
-    tau_lr: float = Field(0.01, ge=0)
-    tau_beta: float = Field(0.9, gt=0, le=1)
-    tau_grad_clip: float = Field(3.0, gt=0)
-    gamma: float = Field(0.9, gt=0, le=1)
-    rho: float = Field(0.3, ge=0)
+    temperature: Literal["individual", "global", "none"] = Field(
+        "individual", description="individual (UCL-AE) | global (CL-AE) | none (AE)."
+    )
+    mask: Literal["row", "element"] = Field(
+        "element", description="element (share of each row's entries) | row (whole rows, the paper's wording)."
+    )
+    mask_ratio: StrictFloat = Field(0.3, ge=0.0, lt=1.0, description="Share masked in stream 2.")
+    alpha: StrictFloat = Field(1e-3, ge=0, description="Weight of the reconstruction loss.")
+    tau_min: StrictFloat = Field(1e-5, gt=0, description="Lower bound of τ.")
+    tau_max: StrictFloat = Field(1.0, gt=0, description="Upper bound of τ.")
+    tau_init: StrictFloat = Field(0.1, gt=0, description="Initial τ.")
+    tau_lr: StrictFloat = Field(0.01, ge=0, description="Step size of the τ update.")
+    tau_beta: StrictFloat = Field(
+        0.9, gt=0, le=1, description="Weight of the new gradient in the τ momentum (the paper's β0)."
+    )
+    tau_grad_clip: StrictFloat = Field(3.0, gt=0, description="Clip of the τ gradient, ±.")
+    gamma: StrictFloat = Field(0.9, gt=0, le=1, description="Weight of the new estimate in the moving average u.")
+    rho: StrictFloat = Field(0.3, ge=0, description="ρ of the ρ·τ term that keeps τ off its upper bound.")
 
     @model_validator(mode="after")
     def _tau_range(self):
@@ -154,11 +250,15 @@ class ContrastLossConfig(StageConfig):
 class ContrastConfig(TrainConfig, ContrastLossConfig):
     """The dual-stream autoencoder on the frozen PGE user table (paper §3.4)."""
 
-    hidden: list[int] = Field(default_factory=lambda: [128, 32], min_length=1)
+    hidden: list[StrictInt] = Field(
+        default_factory=lambda: [128, 32], min_length=1, description="Encoder sizes (the decoder mirrors them)."
+    )
+    batch_size: StrictInt = Field(2048, ge=2, description="Users per step.")
+    lr: StrictFloat = Field(1e-3, gt=0, description="Adam learning rate of the autoencoder.")
     # With the paper's batch of 2048 users a small dataset has one step per epoch
     # (Douban: 1,566 users); validation NDCG peaked at epochs 50-115 there.
-    epochs: int = Field(300, ge=0)
-    patience: int = Field(20, ge=1)
+    epochs: StrictInt = Field(300, ge=0, description="Maximum epochs.")
+    patience: StrictInt = Field(20, ge=1, description=PATIENCE_HELP)
 
     @model_validator(mode="after")
     def _hidden(self):
@@ -170,17 +270,30 @@ class ContrastConfig(TrainConfig, ContrastLossConfig):
 class FinetuneConfig(TrainConfig):
     """Domain-aware LoRA finetuning of the whole framework (paper §3.5)."""
 
-    domain: str = "all"
-    rank: int = Field(8, ge=1)
-    lora_alpha: float | None = Field(None, gt=0)  # default: equal to rank (scale 1)
-    reg: float = Field(1e-5, ge=0)
+    domain: str = Field("all", description="A domain name, or all.")
+    rank: StrictInt = Field(8, ge=1, description="LoRA rank r.")
+    lora_alpha: StrictFloat | None = Field(
+        None, gt=0, description="LoRA scale numerator: W = W0 + (alpha/r)·B·A (default: r)."
+    )
+    reg: StrictFloat = Field(1e-5, ge=0, description="L2 weight on the rows of a batch.")
     # Chosen on Douban validation (3 seeds, docs/results.md): adapters only 26.45,
     # +autoencoder+τ 26.23, +items 26.26, without the contrastive term 26.16 (start: 26.08).
-    train_ae: bool = False
-    train_tau: bool = False
-    train_items: bool = False
-    contrast_weight: float = Field(1.0, ge=0)
-    epochs: int = Field(50, ge=0)
+    train_ae: StrictBool = Field(
+        False,
+        description="Also finetune the autoencoder (off by default: validation preferred the adapter alone).",
+        json_schema_extra={"flag": "--train-ae/--freeze-ae"},
+    )
+    train_tau: StrictBool = Field(
+        False, description="Keep updating the temperatures.", json_schema_extra={"flag": "--train-tau/--freeze-tau"}
+    )
+    train_items: StrictBool = Field(
+        False,
+        description="Also finetune the domain's item embeddings.",
+        json_schema_extra={"flag": "--train-items/--freeze-items"},
+    )
+    contrast_weight: StrictFloat = Field(1.0, ge=0, description="Weight of the combined contrastive loss.")
+    batch_size: StrictInt = Field(2048, ge=2, description="Positives (and contrast users) per step.")
+    epochs: StrictInt = Field(50, ge=0, description="Maximum epochs.")
 
 
 #: Options that only some baselines read; setting one for another model is an error, not ignored.
@@ -196,16 +309,22 @@ class BaselineConfig(TrainConfig):
     """Single-domain baselines of the paper's Table 2: BPRMF, NeuMF, LightGCN."""
 
     model: Literal["bprmf", "neumf", "lightgcn"] = "bprmf"
-    domain: str = "all"
-    dim: int = Field(128, ge=1)
-    reg: float = Field(1e-5, ge=0)
-    init_std: float = Field(0.1, gt=0)
+    domain: str = Field("all", description="A domain name, or all.")
+    dim: StrictInt = Field(128, ge=1, description="Embedding size m.")
+    reg: StrictFloat = Field(1e-5, ge=0, description="L2 weight on the embedding rows of a batch.")
+    init_std: StrictFloat = Field(0.1, gt=0, description="Std of the normal initial embeddings.")
     # NeuMF (He et al., 2017)
-    negatives: int = Field(4, ge=1, le=1000)
-    mlp_layers: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
-    pretrain_towers: bool = False
+    negatives: StrictInt = Field(4, ge=1, le=1000, description="neumf: sampled negatives per positive.")
+    mlp_layers: list[StrictInt] = Field(
+        default_factory=lambda: [128, 64], min_length=1, description="neumf: MLP layer sizes after the 2m input."
+    )
+    pretrain_towers: StrictBool = Field(
+        False,
+        description="neumf: train GMF and MLP alone first, start NeuMF from them.",
+        json_schema_extra={"flag": "--pretrain-towers/--no-pretrain-towers"},
+    )
     # LightGCN (He et al., 2020)
-    layers: int = Field(3, ge=0, le=16)
+    layers: StrictInt = Field(3, ge=0, le=16, description="lightgcn: propagation layers K.")
 
     @model_validator(mode="after")
     def _model_options(self):
@@ -215,3 +334,87 @@ class BaselineConfig(TrainConfig):
             if key in self.model_fields_set and self.model not in owners:
                 raise ValueError(f"{key} applies to {' and '.join(owners)} only, not {self.model}")
         return self
+
+
+def _non_empty_path(p: Path | None, key: str) -> None:
+    if p is not None and str(p).strip() in ("", "."):
+        raise ValueError(f"{key} needs a file name")
+
+
+class EvaluateConfig(StageConfig):
+    """What `uclr evaluate` scores and writes (docs/design.md §4); checked before any work."""
+
+    data: Path | None = Field(None, description=DATA_HELP)
+    run: Path | None = Field(None, description="Run folder with seed-* folders (default: runs/<dataset name>).")
+    split: Literal["test", "valid"] = Field(
+        "test", description="test | valid (select models on valid; read test once)."
+    )
+    k: list[Annotated[StrictInt, Field(ge=1)]] = Field(
+        default_factory=lambda: [10, 20], min_length=1, description="Comma-separated cut-offs K."
+    )
+    by_activity: StrictBool = Field(False, description="Add a table per activity bucket (users by train interactions).")
+    buckets: list[StrictInt] = Field(
+        default_factory=lambda: list(DEFAULT_BUCKETS),
+        min_length=1,
+        description="Lower edges of the activity buckets, starting at 0.",
+    )
+    out: Path | None = Field(None, description="Write per-seed, per-bucket rows to this parquet file.")
+    plot: Path | None = Field(None, description="Save a PNG of NDCG@(first K) by activity bucket (needs matplotlib).")
+    device: Device = Field("auto", description=DEVICE_HELP)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.buckets[0] != 0:
+            raise ValueError("buckets must start at 0 (every user has >= 0 train interactions)")
+        if any(b <= a for a, b in zip(self.buckets, self.buckets[1:])):
+            raise ValueError("buckets must be strictly increasing")
+        _non_empty_path(self.out, "out")
+        _non_empty_path(self.plot, "plot")
+        return self
+
+
+#: Keys of a stage table that `uclr ablate` sets itself, with the reason a table may not.
+ABLATE_OWNS = {
+    "seeds": "ablate trains every seed of the top-level seeds (or --seeds)",
+    "domain": "ablate finetunes every domain of the top-level domains (or --domains)",
+    "temperature": "ablate trains every temperature mode (none, global, individual)",
+    "device": "set device at the top level (or --device): it applies to every stage",
+    "data": "set data at the top level (or --data)",
+    "run": "set run at the top level (or --run)",
+}
+
+
+class AblateConfig(StageConfig):
+    """`uclr ablate`: the top-level keys, and one table of options per stage (each read by its own model)."""
+
+    data: Path | None = Field(None, description=DATA_HELP)
+    run: Path | None = Field(None, description=RUN_HELP)
+    seeds: list[Annotated[StrictInt, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4], min_length=1, description="Comma-separated seeds."
+    )
+    domains: list[str] | None = Field(None, min_length=1, description="Domains to finetune and report (default: all).")
+    device: Device = Field("auto", description=DEVICE_HELP)
+    k: list[Annotated[StrictInt, Field(ge=1)]] = Field(
+        default_factory=lambda: [10], min_length=1, description="Cut-offs of the final table, e.g. 10,20."
+    )
+    pretrain: dict[str, Any] = Field(default_factory=dict)
+    contrast: dict[str, Any] = Field(default_factory=dict)
+    finetune: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        if self.domains is not None:
+            twice = sorted({d for d in self.domains if self.domains.count(d) > 1})
+            if twice:
+                raise ValueError(f"domains must be distinct; {twice[0]} is listed twice")
+        return self
+
+
+#: The stage tables of an ablate config and the model that reads each.
+ABLATE_STAGES: dict[str, type[StageConfig]] = {
+    "pretrain": PretrainConfig,
+    "contrast": ContrastConfig,
+    "finetune": FinetuneConfig,
+}

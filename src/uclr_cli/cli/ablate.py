@@ -3,65 +3,57 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 from uclr_cli import config as cfgmod
+from uclr_cli import loop
 from uclr_cli import pipeline as stage
-from uclr_cli.cli import common, training
-from uclr_cli.config import ContrastConfig, FinetuneConfig, PretrainConfig
-from uclr_cli.data.dataset import load_prepared
+from uclr_cli.cli import common, options, training
+from uclr_cli.config import ABLATE_OWNS, ABLATE_STAGES, AblateConfig
 from uclr_cli.errors import ConfigError
 from uclr_cli.lock import RunLock
 
-SECTIONS = {"pretrain": PretrainConfig, "contrast": ContrastConfig, "finetune": FinetuneConfig}
-TOP = {"seeds", "domains", "device", "data", "run"}
+SET_HELP = "One stage option, e.g. pretrain.epochs=3 or contrast.hidden=16,8 (repeatable)."
+CONFIG_HELP = (
+    "TOML with top-level data/run/seeds/domains/device/k and \\[pretrain], \\[contrast], \\[finetune] tables "
+    "of stage options. Flags win over --set, --set over this file."
+)
 
 
+@options.from_model(AblateConfig, exclude=ABLATE_STAGES)
 def ablate(
-    data: Path | None = typer.Option(None, "--data", help="Prepared folder (default: the only one under data/)."),
-    run: Path | None = typer.Option(None, "--run", help="Run folder (default: runs/<dataset name>)."),
-    seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds (default 0,1,2,3,4)."),
-    domains: str | None = typer.Option(None, "--domains", help="Domains to finetune and report (default all)."),
-    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda."),
-    config: Path | None = typer.Option(
-        None,
-        "--config",
-        help="TOML with top-level seeds/domains/device and [pretrain], [contrast], [finetune] tables of stage options.",
-    ),
-    k: str = typer.Option("10", "--k", help="Cut-offs of the final table, e.g. 10,20."),
+    flags,
+    config: Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP)] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="STAGE.KEY=VALUE", help=SET_HELP)] = None,
 ) -> None:
     """Train PGE, PGE+AE, PGE+CL-AE, PGE+UCL-AE and UCLR per seed, skip what exists, print Table 4."""
     file = cfgmod.read_toml(config) if config is not None else {}
-    unknown = set(file) - TOP - set(SECTIONS)
-    if unknown:
-        raise ConfigError(f"unknown key: {sorted(unknown)[0]}", config)
-    for key in TOP & set(file):
-        _check_top(key, file[key], config)
-    top = {
-        **{k_: v for k_, v in file.items() if k_ in TOP},
-        **common.drop_none(dict(data=data, run=run, device=device)),
-    }
-    seed_list = common.csv_list(seeds, "--seeds", int) or top.get("seeds") or [0, 1, 2, 3, 4]
-    cfgs = {}
-    for name, model in SECTIONS.items():
-        values = {k_.replace("-", "_"): v for k_, v in (file.get(name) or {}).items()}
-        values["seeds"] = seed_list
-        if "device" in top:
-            values["device"] = top["device"]
-        cfgs[name] = cfgmod.build(
-            model, values, lambda key, n=name: f"{config}, [{n}] key '{key}'" if config else f"--{key}"
-        )
+    given = options.given(AblateConfig, flags)
+
+    def where_top(key: str) -> str:
+        return f"--{key}" if key in given or config is None else f"{config}, key '{key}'"
+
+    cfgmod.build(AblateConfig, file, lambda key: f"{config}, key '{key}'")  # a bad key is refused even under a flag
+    top = cfgmod.build(AblateConfig, {**file, **given}, where_top)
+    overrides = parse_sets(set_ or [])
+    cfgs = {name: stage_config(name, top, config, overrides[name]) for name in ABLATE_STAGES}
     if cfgs["finetune"].rank > cfgs["pretrain"].dim:
-        section, key = ("finetune", "rank") if "rank" in (file.get("finetune") or {}) else ("pretrain", "dim")
-        where = f"{config}, [{section}] key '{key}'"
+        section, key = (
+            ("finetune", "rank") if "rank" in {**top.finetune, **overrides["finetune"]} else ("pretrain", "dim")
+        )
+        where = f"--set {section}.{key}" if key in overrides[section] else f"{config}, [{section}] key '{key}'"
         raise ConfigError(
             f"rank {cfgs['finetune'].rank} exceeds the pretrain dim {cfgs['pretrain'].dim}: rank must be <= dim", where
         )
-    ds = load_prepared(Path(top["data"]) if "data" in top else training.default_data_dir())
-    run_dir = Path(top["run"]) if "run" in top else Path("runs") / ds.name
-    wanted = common.csv_list(domains, "--domains") or top.get("domains") or ds.domains
-    domain_list = [ds.domains[ds.domain_index(d)] for d in wanted]
+    loop.resolve_device(top.device)  # `--device cuda` without one: refused now, not after the training
+    ds = training.load_data(top.data, top.run)
+    run_dir = Path(top.run) if top.run is not None else Path("runs") / ds.name
+    unknown = [d for d in top.domains or [] if d not in ds.domains]
+    if unknown:
+        raise ConfigError(f"unknown domain '{unknown[0]}'; available: {', '.join(ds.domains)}", where_top("domains"))
+    domain_list = top.domains or ds.domains
     common.hold(RunLock(run_dir, "uclr ablate"))  # one writer per run folder until the command ends
     for name, cfg in cfgs.items():
         training.write_config(run_dir, f"ablate-{name}", cfg, ds)
@@ -76,7 +68,7 @@ def ablate(
         stage.run(
             ds,
             run_dir,
-            seed_list,
+            top.seeds,
             domain_list,
             cfgs["pretrain"],
             cfgs["contrast"],
@@ -84,29 +76,48 @@ def ablate(
             on_step=on_step,
             progress=rep,
         )
-    show_ablation(ds, run_dir, common.csv_list(k, "--k", int), device or top.get("device", "auto"))
+    show_ablation(ds, run_dir, top.k, top.device)
 
 
-def _check_top(key: str, value, config: Path | None) -> None:
-    """Top-level keys of the ablate TOML: right type, else an error naming the key."""
-    if key == "seeds":
-        ok = (
-            isinstance(value, list)
-            and value
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-        )
-        what = "a non-empty list of integers >= 0"
-    elif key == "domains":
-        ok = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
-        what = "a non-empty list of domain names"
-    elif key == "device":
-        ok = value in ("auto", "cpu", "cuda")
-        what = "one of auto, cpu, cuda"
-    else:  # data, run
-        ok = isinstance(value, str) and value.strip() != ""
-        what = "a folder path (string)"
-    if not ok:
-        raise ConfigError(f"{key} must be {what}", f"{config}, key '{key}'")
+def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set pretrain.epochs=3`` -> ``{"pretrain": {"epochs": 3}, ...}``, typed by the stage's model."""
+    out: dict[str, dict[str, Any]] = {name: {} for name in ABLATE_STAGES}
+    for item in items:
+        where = f"--set {item}"
+        target, eq, text = item.partition("=")
+        name, dot, key = target.strip().partition(".")
+        key = key.strip().replace("-", "_")
+        if not eq or not dot or not key:
+            raise ConfigError("expected STAGE.KEY=VALUE, e.g. pretrain.epochs=3", where)
+        if name not in ABLATE_STAGES:
+            raise ConfigError(f"unknown stage '{name}'; choose one of {', '.join(ABLATE_STAGES)}", where)
+        model = ABLATE_STAGES[name]
+        if key not in model.model_fields:
+            raise ConfigError(f"unknown key '{key}' of [{name}]", where)
+        _check_owned(key, where)
+        try:
+            out[name][key] = cfgmod.value_from_text(model, key, text)
+        except ValueError as e:
+            raise ConfigError(str(e), where) from None
+    return out
+
+
+def _check_owned(key: str, where: str) -> None:
+    if key in ABLATE_OWNS:
+        raise ConfigError(f"'{key}' cannot be set per stage: {ABLATE_OWNS[key]}", where)
+
+
+def stage_config(name: str, top: AblateConfig, config: Path | None, sets: dict[str, Any]) -> cfgmod.StageConfig:
+    """One stage's config: its TOML table < its --set values; seeds and device from the top level."""
+    table = {k.replace("-", "_"): v for k, v in getattr(top, name).items()}
+    for key in table:
+        _check_owned(key, f"{config}, [{name}] key '{key}'")
+
+    def where(key: str) -> str:
+        return f"--set {name}.{key}" if key in sets or config is None else f"{config}, [{name}] key '{key}'"
+
+    values = {**table, **sets, "seeds": top.seeds, "device": top.device}
+    return cfgmod.build(ABLATE_STAGES[name], values, where)
 
 
 def show_ablation(ds, run_dir: Path, ks: list[int], device: str) -> None:

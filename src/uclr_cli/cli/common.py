@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -61,8 +63,40 @@ def hold(resource):
     return value
 
 
+def _set_flag(name: str):
+    def callback(ctx, param, value: bool) -> None:
+        if value:
+            setattr(STATE, name, True)
+
+    return callback
+
+
 class UclrGroup(TyperGroup):
-    """Renders UclrError as one line and exit 1; Ctrl-C as exit 130."""
+    """Renders UclrError as one line and exit 1; Ctrl-C as exit 130; gives every command -q and -v."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for cmd in self.commands.values():
+            self._add_global_flags(cmd)
+
+    def add_command(self, cmd, name: str | None = None) -> None:
+        super().add_command(cmd, name)
+        self._add_global_flags(cmd)
+
+    def _add_global_flags(self, cmd) -> None:
+        """-q/--quiet and -v/--verbose after the subcommand as well (`uclr pretrain --quiet`): the root's own."""
+        if hasattr(cmd, "commands"):  # a group of subcommands
+            for sub in cmd.commands.values():
+                self._add_global_flags(sub)
+            return
+        have = {opt for p in cmd.params for opt in getattr(p, "opts", [])}
+        for p in self.params:
+            if p.name in ("quiet", "verbose") and not set(p.opts) & have:
+                flag = copy.copy(p)
+                flag.expose_value = False  # not passed to the command function
+                flag.is_eager = p.name == "verbose"  # before other options' checks, which then show tracebacks
+                flag.callback = _set_flag(p.name)
+                cmd.params.append(flag)
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
@@ -83,18 +117,14 @@ class UclrGroup(TyperGroup):
             raise typer.Exit(130) from None
 
 
-def csv_list(value: str | None, option: str, cast=str) -> list | None:
-    """Parse 'a,b,c' into a list; a bad element names the option."""
-    if value is None:
-        return None
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-    if not parts:
-        raise ConfigError("empty list", option)
-    try:
-        return [cast(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"cannot read {value!r} as a list of {cast.__name__}", option) from None
-
-
-def drop_none(d: dict) -> dict:
-    return {k: v for k, v in d.items() if v is not None}
+def check_output_file(path, option: str) -> None:
+    """An output file named by ``option`` can be written there (checked before any work)."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise ConfigError("is a folder, not a file name", f"{option} {path}")
+    parent = Path(path).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{parent} is a file, not a folder", f"{option} {path}")

@@ -3,75 +3,18 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import typer
 from rich.table import Table
 
-from uclr_cli.cli import common, training
+from uclr_cli.cli import options, training
 from uclr_cli.config import ContrastConfig
 from uclr_cli.stages import contrast as stage
 
 
-def contrast(
-    data: Path | None = typer.Option(None, "--data", help="Prepared folder (default: the only one under data/)."),
-    run: Path | None = typer.Option(None, "--run", help="Run folder (default: runs/<dataset name>)."),
-    seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds (default 0)."),
-    seed: int | None = typer.Option(None, "--seed", help="A single seed."),
-    temperature: str | None = typer.Option(
-        None, "--temperature", help="individual (UCL-AE) | global (CL-AE) | none (AE)."
-    ),
-    mask: str | None = typer.Option(
-        None, "--mask", help="element (share of each row's entries) | row (whole rows, the paper's wording)."
-    ),
-    mask_ratio: float | None = typer.Option(None, "--mask-ratio", help="Share masked in stream 2 (default 0.3)."),
-    alpha: float | None = typer.Option(None, "--alpha", help="Weight of the reconstruction loss (default 1e-3)."),
-    tau_min: float | None = typer.Option(None, "--tau-min", help="Lower bound of τ (default 1e-5)."),
-    tau_max: float | None = typer.Option(None, "--tau-max", help="Upper bound of τ (default 1)."),
-    tau_init: float | None = typer.Option(None, "--tau-init", help="Initial τ (default 0.1)."),
-    tau_lr: float | None = typer.Option(None, "--tau-lr", help="Step size of the τ update (default 0.01)."),
-    rho: float | None = typer.Option(
-        None, "--rho", help="ρ of the ρ·τ term that keeps τ off its upper bound (default 0.3)."
-    ),
-    gamma: float | None = typer.Option(
-        None, "--gamma", help="Weight of the new estimate in the moving average u (default 0.9)."
-    ),
-    hidden: str | None = typer.Option(None, "--hidden", help="Encoder sizes, e.g. 128,32 (decoder mirrors)."),
-    epochs: int | None = typer.Option(None, "--epochs", help="Maximum epochs (default 100)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Users per step (default 2048)."),
-    lr: float | None = typer.Option(None, "--lr", help="Adam learning rate of the autoencoder (default 1e-3)."),
-    patience: int | None = typer.Option(
-        None, "--patience", help="Evaluations without improvement before stopping (default 10)."
-    ),
-    eval_every: int | None = typer.Option(None, "--eval-every", help="Validate every N epochs (default 1)."),
-    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last epoch checkpoint of each seed."),
-    config: Path | None = typer.Option(None, "--config", help="TOML file with any of these options; flags win."),
-) -> None:
+@options.from_model(ContrastConfig)
+def contrast(flags, seed: options.Seed = None, resume: options.Resume = False, config: options.Config = None) -> None:
     """Train the contrastive dual-stream autoencoder on the pretrained user table."""
-    cli = dict(
-        data=data,
-        run=run,
-        seeds=training.seeds_option(seeds, seed),
-        temperature=temperature,
-        mask=mask,
-        mask_ratio=mask_ratio,
-        alpha=alpha,
-        tau_min=tau_min,
-        tau_max=tau_max,
-        tau_init=tau_init,
-        tau_lr=tau_lr,
-        rho=rho,
-        gamma=gamma,
-        hidden=common.csv_list(hidden, "--hidden", int),
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        patience=patience,
-        eval_every=eval_every,
-        device=device,
-    )
-    cfg, ds, run_dir = training.resolve(ContrastConfig, cli, config)
+    cfg, ds, run_dir = training.resolve(ContrastConfig, flags, config, seed)
     training.write_config(run_dir, f"{stage.STAGE}-{cfg.temperature}", cfg, ds)
     results = training.run_seeds(
         stage.STAGE, cfg.seeds, lambda s, rep: stage.run_seed(cfg, ds, run_dir, s, resume=resume, progress=rep)

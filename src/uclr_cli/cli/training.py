@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 import tomllib
 from collections.abc import Callable
@@ -15,9 +17,9 @@ from rich.table import Table
 from uclr_cli import checkpoint as ckpt
 from uclr_cli import config as cfgmod
 from uclr_cli import layout
-from uclr_cli.cli import common
-from uclr_cli.data.dataset import MANIFEST, load_prepared
-from uclr_cli.errors import ConfigError, DataError
+from uclr_cli.cli import common, options
+from uclr_cli.data.dataset import MANIFEST, Dataset, load_prepared
+from uclr_cli.errors import ConfigError, DataError, UclrError
 from uclr_cli.lock import RunLock
 from uclr_cli.loop import EpochEvent, SeedResult
 
@@ -33,6 +35,8 @@ def default_data_dir() -> Path:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"invalid TOML: {e}", proj) from None
         if "data" in conf:
+            if not isinstance(conf["data"], str) or not conf["data"].strip():
+                raise ConfigError("data must be a folder path (string)", f"{proj}, key 'data'")
             return Path(conf["data"])
     found = sorted(p.parent for p in Path("data").glob(f"*/{MANIFEST}"))
     if len(found) == 1:
@@ -42,20 +46,57 @@ def default_data_dir() -> Path:
     raise DataError(f"several prepared folders under data/ ({', '.join(p.name for p in found)}); pass --data", "--data")
 
 
-def seeds_option(seeds: str | None, seed: int | None) -> list[int] | None:
-    if seeds is not None and seed is not None:
-        raise ConfigError("give --seeds or --seed, not both", "--seed")
-    if seed is not None:
-        return [seed]
-    return common.csv_list(seeds, "--seeds", int)
+def recorded_dataset(run_dir: Path) -> dict | None:
+    """``{"name", "fingerprint", "path"?}`` from RUN/config.json; None when the run has no config.json yet."""
+    path = Path(run_dir) / layout.CONFIG
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text()).get("dataset")
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"cannot read the run's config: {e}; pass --data", path) from None
+    if record is None:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
+        raise DataError("the run's config has no valid dataset record; pass --data", path)
+    return record
 
 
-def resolve(model: type[cfgmod.StageConfig], cli_values: dict[str, Any], config_file: Path | None):
-    """TOML values < explicitly given CLI flags; unknown keys are an error naming the key."""
+def load_data(data: Path | None, run: Path | None) -> Dataset:
+    """The prepared folder of a command: --data, else the one RUN/config.json records, else :func:`default_data_dir`.
+
+    A folder found through the run's record must have the recorded fingerprint.
+    """
+    if data is not None:
+        return load_prepared(Path(data))
+    record = recorded_dataset(run) if run is not None else None
+    if record is None:
+        return load_prepared(default_data_dir())
+    where = Path(run) / layout.CONFIG
+    path = record.get("path")
+    folder = Path(os.path.normpath(Path(run) / path)) if isinstance(path, str) else None
+    if folder is None or not (folder / MANIFEST).is_file():
+        try:
+            folder = default_data_dir()
+        except UclrError:
+            gone = f"the prepared folder it records ({folder}) is gone" if folder else "it records no data folder"
+            raise DataError(f"{gone}; pass --data", where) from None
+    ds = load_prepared(folder)
+    if ds.fingerprint != record["fingerprint"]:
+        raise DataError(f"{folder} is not the data this run was trained on (fingerprint differs); pass --data", where)
+    return ds
+
+
+def resolve(model: type[cfgmod.StageConfig], flags: dict[str, Any], config_file: Path | None, seed: int | None = None):
+    """Model defaults < TOML values < flags given on the command line; unknown keys are an error naming the key."""
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(cfgmod.read_toml(config_file))
-    given = common.drop_none(cli_values)
+    given = options.given(model, flags)
+    if seed is not None:
+        if "seeds" in given:
+            raise ConfigError("give --seeds or --seed, not both", "--seed")
+        given["seeds"] = [seed]
     values.update(given)
 
     def where_for(key: str) -> str:
@@ -64,8 +105,7 @@ def resolve(model: type[cfgmod.StageConfig], cli_values: dict[str, Any], config_
         return f"{config_file}, key '{key}'"
 
     cfg = cfgmod.build(model, values, where_for)
-    data_dir = Path(cfg.data) if cfg.data is not None else default_data_dir()
-    data = load_prepared(data_dir)
+    data = load_data(cfg.data, cfg.run)
     run_dir = Path(cfg.run) if cfg.run is not None else Path("runs") / data.name
     if isinstance(cfg, cfgmod.FinetuneConfig):
         check_rank(cfg.rank, run_dir, cfg.seeds, where_for("rank"))
@@ -87,18 +127,24 @@ def check_rank(rank: int, run_dir: Path, seeds: list[int], where: str) -> None:
             )
 
 
-def write_config(run_dir: Path, stage: str, cfg: cfgmod.StageConfig, data) -> None:
-    """Record the resolved config in RUN/config.json before training starts."""
+def write_config(run_dir: Path, stage: str, cfg: cfgmod.StageConfig, data: Dataset) -> None:
+    """Record the resolved config in RUN/config.json before training starts.
+
+    ``dataset`` names the data and where it is, relative to the run folder (no absolute paths: both
+    folders may move together), so later commands on the run find it without --data.
+    """
     path = run_dir / layout.CONFIG
     payload: dict = {}
     if path.is_file():
-        import json
-
         try:
             payload = json.loads(path.read_text())
         except ValueError:
             payload = {}
-    payload["dataset"] = {"name": data.name, "fingerprint": data.fingerprint}
+    payload["dataset"] = {
+        "name": data.name,
+        "fingerprint": data.fingerprint,
+        "path": os.path.relpath(Path(data.path).resolve(), Path(run_dir).resolve()),
+    }
     payload[stage] = cfg.model_dump(mode="json", exclude={"data", "run"})
     ckpt.write_json(path, payload)
 
