@@ -85,6 +85,8 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 Device = Literal["auto", "cpu", "cuda"]
+#: Seeds name their folders ``seed-<s>``, which layout.py reads with at most 18 digits.
+MAX_SEED = 10**18
 
 
 class TrainConfig(StageConfig):
@@ -104,6 +106,8 @@ class TrainConfig(StageConfig):
     def _seeds(self):
         if any(s < 0 for s in self.seeds):
             raise ValueError("seeds must be >= 0")
+        if any(s >= MAX_SEED for s in self.seeds):  # seed-<s> folders have at most 18 digits (layout.py)
+            raise ValueError(f"seeds must be below {MAX_SEED:.0e} (at most 18 digits)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
         return self
