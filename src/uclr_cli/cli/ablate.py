@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from uclr_cli import config as cfgmod
+from uclr_cli import memory
 from uclr_cli import pipeline as stage
 from uclr_cli.cli import common, training
 from uclr_cli.config import ContrastConfig, FinetuneConfig, PretrainConfig
@@ -62,6 +63,14 @@ def ablate(
     run_dir = Path(top["run"]) if "run" in top else Path("runs") / ds.name
     wanted = common.csv_list(domains, "--domains") or top.get("domains") or ds.domains
     domain_list = [ds.domains[ds.domain_index(d)] for d in wanted]
+    for name, cfg in cfgs.items():  # a config too large for this machine: refused before any work
+        memory.check(
+            cfg,
+            ds,
+            run_dir,
+            lambda key, n=name: f"{config}, [{n}] key '{key}'" if config else f"--{key}",
+            dim=cfgs["pretrain"].dim,
+        )
     common.hold(RunLock(run_dir, "uclr ablate"))  # one writer per run folder until the command ends
     for name, cfg in cfgs.items():
         training.write_config(run_dir, f"ablate-{name}", cfg, ds)
