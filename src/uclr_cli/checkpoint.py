@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from uclr_cli import __version__, layout
 from uclr_cli.errors import CheckpointError, os_reason
@@ -38,6 +39,47 @@ def content_digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
     return h.hexdigest()
 
 
+#: safetensors dtype codes of the tensors we write.
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors bytes of ``tensors``, identical for identical input.
+
+    safetensors' own writer puts the metadata in hash-map order, which changes
+    from one process to the next; here the header is JSON with sorted keys and
+    the tensors are laid out by name, so two identical runs write identical files.
+    """
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
+
+
+def save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str]) -> None:
+    """Write :func:`serialize`'s bytes to ``filename`` (the one place checkpoint bytes reach the disk)."""
+    with open(filename, "wb") as f:
+        f.write(serialize(tensors, metadata))
+
+
 def save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Atomically write ``tensors`` with ``meta`` (JSON-encoded values) in the header."""
     path = Path(path)
@@ -52,6 +94,8 @@ def read_header(path: Path) -> dict:
     """The decoded metadata of a checkpoint; refuses anything that is not safetensors."""
     path = Path(path)
     if not path.is_file():
+        if path.is_symlink():
+            raise CheckpointError("checkpoint is a broken or looping symbolic link", path)
         raise CheckpointError("checkpoint not found", path)
     try:
         with open(path, "rb") as f:
@@ -131,7 +175,35 @@ def load(
     if DIGEST in meta:
         if content_digest(tensors, _raw_metadata(path)) != meta[DIGEST]:
             raise CheckpointError("corrupt checkpoint (content does not match its checksum)", path)
-    return tensors, meta
+    check_finite(tensors, path)
+    return Tensors(tensors, path), meta
+
+
+#: Tensors that may hold -inf: log u of users the contrastive moving average has not seen yet (log 0).
+MAY_BE_MINUS_INF = ("log_u",)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a checkpoint with NaN or infinite weights (a checksum only proves they were written so)."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        if name.rsplit(".", 1)[-1] in MAY_BE_MINUS_INF and not bool((torch.isnan(t) | (t == math.inf)).any()):
+            continue
+        kind = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+        raise CheckpointError(f"checkpoint tensor '{name}' holds {kind} values (the model diverged?)", path)
+
+
+class Tensors(dict):
+    """The tensors of a checkpoint; a missing one is a one-line :class:`CheckpointError` naming it."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], path: Path):
+        super().__init__(tensors)
+        self.path = path
+
+    def __missing__(self, key: str):
+        raise CheckpointError(f"checkpoint lacks tensor '{key}'", self.path)
 
 
 def _raw_metadata(path: Path) -> dict:

@@ -158,6 +158,8 @@ def _scalar(tp, text: str) -> Any:
 
 
 Device = Literal["auto", "cpu", "cuda"]
+#: Seeds name their folders ``seed-<s>``, which layout.py reads with at most 18 digits.
+MAX_SEED = 10**18
 
 # Descriptions are the command-line help (cli/options.py); the default is added from the field.
 DATA_HELP = (
@@ -188,6 +190,8 @@ class TrainConfig(StageConfig):
     def _seeds(self):
         if any(s < 0 for s in self.seeds):
             raise ValueError("seeds must be >= 0")
+        if any(s >= MAX_SEED for s in self.seeds):  # seed-<s> folders have at most 18 digits (layout.py)
+            raise ValueError(f"seeds must be below {MAX_SEED:.0e} (at most 18 digits)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
         return self

@@ -48,6 +48,6 @@ def os_reason(e: Exception) -> str:
     Also digs the reason out of polars' "io error: ... (os error N)" messages.
     """
     s = getattr(e, "strerror", None) or str(e) or type(e).__name__
-    m = re.search(r"io error: (.+?)(?: \(os error \d+\))?$", s, re.IGNORECASE | re.MULTILINE)
+    m = re.search(r"(?:io|i/o) error: (.+?)(?: \(os error \d+\))?$", s, re.IGNORECASE | re.MULTILINE)
     s = (m.group(1) if m else s.strip().splitlines()[0])[:120]
     return s[:1].lower() + s[1:]

@@ -7,7 +7,9 @@ the new one, never half of one, and an OS error is one line naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,9 +36,29 @@ def atomic_write(
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # disk full, read-only, permissions
-        tmp.unlink(missing_ok=True)
-        raise error(f"cannot write {what}: {os_reason(e)}", path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except Exception as e:
+        _remove(tmp)
+        if isinstance(e, OSError) or is_io_error(e):  # disk full, read-only, permissions; also from Polars
+            reason = os_reason(e)
+            broken = next((p for p in (path, path.parent) if p.is_symlink() and not p.exists()), None)
+            if broken is not None:
+                reason, path = "a broken or looping symbolic link is in the way", broken
+            raise error(f"cannot write {what}: {reason}", path) from None
         raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def is_io_error(e: BaseException) -> bool:
+    """An OS error reported by a library as its own exception (Polars' ComputeError, a SafetensorError)."""
+    return isinstance(e, OSError) or _IO_ERROR.search(str(e)) is not None
+
+
+_IO_ERROR = re.compile(r"\b(?:io|i/o) error\b|\(os error \d+\)", re.IGNORECASE)
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a temporary file; where that fails too (e.g. its parent is not a folder) there is nothing to remove."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)

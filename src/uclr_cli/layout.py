@@ -60,11 +60,19 @@ def find_seeds(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for p in run_dir.iterdir():
         s = seed_of(p)
-        if s is not None and p.is_dir():
+        if s is not None and check_link(p) and p.is_dir():
             found.append((s, p))
     if not found:
         raise DataError("run folder has no seed-* folder (run `uclr pretrain` first)", run_dir)
     return sorted(found)
+
+
+def check_link(path: Path) -> bool:
+    """True; a symbolic link that leads nowhere (dangling, or a loop) is refused rather than taken for absent."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise DataError("a broken or looping symbolic link; fix or remove it", path)
+    return True
 
 
 def finetune_name(domain: str) -> str:

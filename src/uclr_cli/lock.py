@@ -89,6 +89,7 @@ class RunLock:
         except OSError as e:
             raise UclrError(f"cannot create run folder: {os_reason(e)}", self.run_dir) from None
         with self._guard():
+            self._check_kind()
             holder = self._read()
             if holder is not None:
                 if self._is_live(holder):
@@ -114,6 +115,15 @@ class RunLock:
                 self.path.unlink()
 
     # -- helpers -----------------------------------------------------------------------
+    def _check_kind(self) -> None:
+        """Whatever lies at the lock path must be a regular file uclr wrote; anything else is named, never removed."""
+        if self.path.is_symlink():
+            raise UclrError("the lock path is a symbolic link, not a lock file of uclr; remove it", self.path)
+        if self.path.exists() and not self.path.is_file():
+            raise UclrError(
+                "the lock path is a folder or another non-file, not a lock file of uclr; remove it", self.path
+            )
+
     @contextlib.contextmanager
     def _guard(self):
         """Serialise check-and-take-over between processes (flock on the folder)."""

@@ -63,7 +63,12 @@ def resolve_device(name: str) -> torch.device:
 def generator(device: torch.device, seed: int, stream: int) -> torch.Generator:
     """A sampling generator per (seed, stage): independent of global RNG state."""
     g = torch.Generator(device=device)
-    g.manual_seed(seed * 1_000_003 + stream)
+    value = seed * 1_000_003 + stream
+    if not 0 <= value < 1 << 64:  # beyond manual_seed's range: fold (seed, stream) into 64 bits by a hash
+        import hashlib
+
+        value = int.from_bytes(hashlib.sha256(f"{seed}:{stream}".encode()).digest()[:8], "little")
+    g.manual_seed(value)
     return g
 
 

@@ -82,6 +82,9 @@ def load_finetuned(seed_dir: Path, data: Dataset, domain: str, device) -> tuple[
 def available(seed_dir: Path, data: Dataset) -> list[str]:
     """Models with a checkpoint in ``seed_dir``, in registry order (UCLR and baselines: any domain)."""
     seed_dir = Path(seed_dir)
+    for p in seed_dir.iterdir():  # a checkpoint behind a link that leads nowhere is refused, not skipped
+        if p.name.endswith(".safetensors"):
+            layout.check_link(p)
     out = [
         name
         for kind, name in registry.BASELINES.items()

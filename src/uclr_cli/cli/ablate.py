@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from uclr_cli import config as cfgmod
-from uclr_cli import loop
+from uclr_cli import loop, memory
 from uclr_cli import pipeline as stage
 from uclr_cli.cli import common, options, training
 from uclr_cli.config import ABLATE_OWNS, ABLATE_STAGES, AblateConfig
@@ -54,6 +54,14 @@ def ablate(
     if unknown:
         raise ConfigError(f"unknown domain '{unknown[0]}'; available: {', '.join(ds.domains)}", where_top("domains"))
     domain_list = top.domains or ds.domains
+    for name, cfg in cfgs.items():  # a config too large for this machine: refused before any work
+        memory.check(
+            cfg,
+            ds,
+            run_dir,
+            lambda key, n=name: f"{config}, [{n}] key '{key}'" if config else f"--{key}",
+            dim=cfgs["pretrain"].dim,
+        )
     common.hold(RunLock(run_dir, "uclr ablate"))  # one writer per run folder until the command ends
     for name, cfg in cfgs.items():
         training.write_config(run_dir, f"ablate-{name}", cfg, ds)

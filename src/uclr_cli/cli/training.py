@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,10 +17,10 @@ from rich.table import Table
 
 from uclr_cli import checkpoint as ckpt
 from uclr_cli import config as cfgmod
-from uclr_cli import layout
+from uclr_cli import layout, memory
 from uclr_cli.cli import common, options
 from uclr_cli.data.dataset import MANIFEST, Dataset, load_prepared
-from uclr_cli.errors import ConfigError, DataError, UclrError
+from uclr_cli.errors import ConfigError, DataError, TrainingError, UclrError, os_reason
 from uclr_cli.lock import RunLock
 from uclr_cli.loop import EpochEvent, SeedResult
 
@@ -49,12 +50,7 @@ def default_data_dir() -> Path:
 def recorded_dataset(run_dir: Path) -> dict | None:
     """``{"name", "fingerprint", "path"?}`` from RUN/config.json; None when the run has no config.json yet."""
     path = Path(run_dir) / layout.CONFIG
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text()).get("dataset")
-    except (OSError, ValueError, AttributeError) as e:
-        raise DataError(f"cannot read the run's config: {e}; pass --data", path) from None
+    record = read_run_config(path).get("dataset")
     if record is None:
         return None
     if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
@@ -109,6 +105,7 @@ def resolve(model: type[cfgmod.StageConfig], flags: dict[str, Any], config_file:
     run_dir = Path(cfg.run) if cfg.run is not None else Path("runs") / data.name
     if isinstance(cfg, cfgmod.FinetuneConfig):
         check_rank(cfg.rank, run_dir, cfg.seeds, where_for("rank"))
+    memory.check(cfg, data, run_dir, where_for)  # a config too large for this machine: refused before any work
     # one writer per run folder, held until the command ends (also on errors and Ctrl-C)
     common.hold(RunLock(run_dir, f"uclr {model.__name__.removesuffix('Config').lower()}"))
     return cfg, data, run_dir
@@ -117,7 +114,7 @@ def resolve(model: type[cfgmod.StageConfig], flags: dict[str, Any], config_file:
 def check_rank(rank: int, run_dir: Path, seeds: list[int], where: str) -> None:
     """LoRA rank must not exceed the PGE dimension, read from each seed's pretrain header (before any work)."""
     for s in seeds:
-        path = Path(run_dir) / f"seed-{s}" / layout.PRETRAIN
+        path = layout.seed_dir(run_dir, s) / layout.PRETRAIN
         if not path.is_file():
             continue  # the stage reports the missing checkpoint
         dim = ckpt.read_header(path).get("dim")
@@ -127,26 +124,74 @@ def check_rank(rank: int, run_dir: Path, seeds: list[int], where: str) -> None:
             )
 
 
-def write_config(run_dir: Path, stage: str, cfg: cfgmod.StageConfig, data: Dataset) -> None:
-    """Record the resolved config in RUN/config.json before training starts.
+#: Stage configs waiting to be recorded in config.json by the running command (see :func:`write_config`).
+_PENDING: list[tuple[Path, str, dict, dict]] = []
 
-    ``dataset`` names the data and where it is, relative to the run folder (no absolute paths: both
+
+def read_run_config(path: Path) -> dict:
+    """RUN/config.json as a dict ({} when absent); a file that is not a JSON object is refused, never replaced."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return {}
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        reason = os_reason(e) if isinstance(e, OSError) else "not valid JSON"
+        raise ConfigError(
+            f"cannot read the run's config record ({reason}); fix or remove it (it records each stage's config)", path
+        ) from None
+    if not isinstance(payload, dict):
+        raise ConfigError("the run's config record is not a JSON object; fix or remove it", path)
+    return payload
+
+
+def write_config(run_dir: Path, stage: str, cfg: cfgmod.StageConfig, data: Dataset) -> None:
+    """Record the resolved config of ``stage`` in RUN/config.json once the stage has started.
+
+    A corrupt config.json is refused now, before any work. The record itself is
+    written when the stage reports its first finished epoch (its checkpoints and
+    resume state were accepted and it trained), or when the command ends
+    without error if it reports none (e.g. a resume of a finished run): a stage
+    refused before its first epoch leaves config.json as it was. ``dataset`` names
+    the data and where it is, relative to the run folder (no absolute paths: both
     folders may move together), so later commands on the run find it without --data.
     """
-    path = run_dir / layout.CONFIG
-    payload: dict = {}
-    if path.is_file():
-        try:
-            payload = json.loads(path.read_text())
-        except ValueError:
-            payload = {}
-    payload["dataset"] = {
-        "name": data.name,
-        "fingerprint": data.fingerprint,
-        "path": os.path.relpath(Path(data.path).resolve(), Path(run_dir).resolve()),
-    }
-    payload[stage] = cfg.model_dump(mode="json", exclude={"data", "run"})
-    ckpt.write_json(path, payload)
+    path = Path(run_dir) / layout.CONFIG
+    read_run_config(path)
+    if not _PENDING:
+        common.hold(_pending_scope())
+    _PENDING.append(
+        (
+            path,
+            stage,
+            cfg.model_dump(mode="json", exclude={"data", "run"}),
+            {
+                "name": data.name,
+                "fingerprint": data.fingerprint,
+                "path": os.path.relpath(Path(data.path).resolve(), Path(run_dir).resolve()),
+            },
+        )
+    )
+
+
+def record_configs() -> None:
+    """Write the pending stage configs into config.json (merged with the other stages' records)."""
+    while _PENDING:
+        path, stage, conf, dataset = _PENDING[0]
+        payload = read_run_config(path)
+        payload["dataset"] = dataset
+        payload[stage] = conf
+        ckpt.write_json(path, payload)
+        _PENDING.pop(0)
+
+
+@contextlib.contextmanager
+def _pending_scope():
+    """Forget what the command did not record when it ends (an error before its first epoch)."""
+    try:
+        yield
+    finally:
+        _PENDING.clear()
 
 
 class Reporter:
@@ -177,8 +222,11 @@ class Reporter:
     def __exit__(self, *exc) -> None:
         if self.progress is not None:
             self.progress.__exit__(*exc)
+        if exc[0] is None:
+            record_configs()
 
     def __call__(self, ev: EpochEvent) -> None:
+        record_configs()  # the stage has started: its config is now worth recording
         if self.quiet:
             return
         ndcg = "-" if ev.valid_ndcg is None or math.isnan(ev.valid_ndcg) else f"{ev.valid_ndcg:.4f}"
@@ -215,11 +263,25 @@ def run_seeds(
     stage: str, seeds: list[int], fn: Callable[[int, Reporter], SeedResult | list[SeedResult]]
 ) -> list[SeedResult]:
     results: list[SeedResult] = []
-    with Reporter(stage) as rep:
+    with Reporter(stage) as rep, out_of_memory_is_an_error(stage):
         for s in seeds:
             r = fn(s, rep)
             results.extend(r if isinstance(r, list) else [r])
     return results
+
+
+@contextlib.contextmanager
+def out_of_memory_is_an_error(stage: str):
+    """An allocator failure the estimate did not foresee is one line, not a traceback."""
+    try:
+        yield
+    except Exception as e:
+        if not memory.is_out_of_memory(e):
+            raise
+        raise TrainingError(
+            f"out of memory in {stage} ({str(e).splitlines()[0][:80]}); try a smaller --dim, --hidden or --batch-size",
+            stage,
+        ) from None
 
 
 def print_summary(stage: str, results: list[SeedResult], domains: list[str], extra: list[Table] | None = None) -> None:

@@ -21,12 +21,14 @@ import torch
 
 from uclr_cli import __version__
 from uclr_cli.data.split import PreparedTables, domain_stats
+from uclr_cli.data.verify import TABLES, check_fingerprint, check_manifest, check_tables, fingerprint_of
 from uclr_cli.errors import DataError, os_reason
 from uclr_cli.layout import check_domain_name
 
-FORMAT_VERSION = 1
+#: 2: the fingerprint covers the manifest's content (format 1 folders, fingerprinted over the files only, still load).
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
-TABLES = ("users", "items", "train", "valid", "test")
 
 
 def check_names(name, domains, where) -> None:
@@ -140,7 +142,6 @@ def write_prepared(
             current = out / p.name
             frames[key].write_parquet(p, compression="zstd", statistics=False)
             hashes[key] = sha256_file(p)
-        fingerprint = hashlib.sha256("".join(hashes[k] for k in TABLES).encode()).hexdigest()
         manifest = {
             "format_version": FORMAT_VERSION,
             "name": name,
@@ -148,7 +149,6 @@ def write_prepared(
             "sources": sources,
             "options": options,
             "created_by": f"uclr-cli {__version__}",
-            "fingerprint": fingerprint,
             "files": hashes,
             "n_users": tables.users.height,
             "n_items": tables.items.height,
@@ -162,6 +162,8 @@ def write_prepared(
             ],
             "stats": domain_stats(tables),
         }
+        manifest["fingerprint"] = fingerprint_of(manifest)
+        check_tables(manifest, frames, out)  # never write a folder that loading would refuse
         current = out / MANIFEST
         with open(tmp / MANIFEST, "w") as f:
             f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -240,17 +242,27 @@ def read_manifest(path: Path) -> dict:
         raise DataError("not a prepared folder: manifest.json is missing (run `uclr prepare` first)", path)
     try:
         manifest = json.loads(mf.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"unreadable manifest: {e}", mf) from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"unreadable manifest: {str(e)[:80]}", mf) from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_FORMATS:
         raise DataError(f"unsupported prepared format (expected format_version {FORMAT_VERSION})", mf)
     return manifest
 
 
 def load_prepared(path: Path, *, verify: bool = True) -> Dataset:
-    """Read a prepared folder, check it against its manifest, and return tensors."""
+    """Read a prepared folder, check it against its manifest and fingerprint, and return tensors.
+
+    Always: the manifest's structure and names, its fingerprint recomputed from
+    its content, and every table against it (:mod:`uclr_cli.data.verify`).
+    ``verify`` (the default) also re-hashes each parquet file against the
+    manifest's sha256 (an edited table); it costs a small share of the load.
+    """
     path = Path(path)
     manifest = read_manifest(path)
+    mf = path / MANIFEST
+    domains, offsets, n_users, n_items, _ = check_manifest(manifest, mf)
+    check_names(manifest.get("name"), domains, mf)
+    check_fingerprint(manifest, mf)
     frames = {}
     for key in TABLES:
         p = path / f"{key}.parquet"
@@ -260,39 +272,31 @@ def load_prepared(path: Path, *, verify: bool = True) -> Dataset:
             digest = sha256_file(p) if verify else None
         except OSError as e:
             raise DataError(f"cannot read file: {os_reason(e)}", p) from None
-        if verify and digest != manifest.get("files", {}).get(key):
+        if verify and digest != manifest["files"][key]:
             raise DataError("file does not match the manifest's checksum (modified or corrupt)", p)
         try:
             frames[key] = pl.read_parquet(p)
         except Exception as e:  # polars raises several types for a bad file
             raise DataError(f"unreadable parquet: {type(e).__name__}", p) from None
-    try:
-        domains = [d["name"] for d in manifest["domains"]]
-        offsets = [int(d["item_offset"]) for d in manifest["domains"]] + [int(manifest["n_items"])]
-        n_users, n_items = int(manifest["n_users"]), int(manifest["n_items"])
-        int(manifest["options"]["negatives"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"manifest lacks or has a bad entry {str(e)[:40]}", path / MANIFEST) from None
-    check_names(manifest.get("name"), domains, path / MANIFEST)
-    if frames["users"].height != n_users or frames["items"].height != n_items:
-        raise DataError("users/items tables do not match the manifest counts", path / MANIFEST)
+    cols = check_tables(manifest, frames, path)
 
-    def col(df: pl.DataFrame, c: str) -> torch.Tensor:
-        return torch.from_numpy(df.get_column(c).to_numpy().astype(np.int64))
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
 
-    train = frames["train"]
-    t_user, t_item, t_dom = col(train, "user"), col(train, "item"), col(train, "domain")
+    t_user, t_item, t_dom = (tensor(cols["train", c]) for c in ("user", "item", "domain"))
     counts = torch.zeros(len(domains) * n_users, dtype=torch.int64)
     counts.scatter_add_(0, t_dom * n_users + t_user, torch.ones_like(t_user))
     evals = {}
     for split in ("valid", "test"):
-        df = frames[split]
+        dom = cols[split, "domain"]
         per = {}
         for d, name in enumerate(domains):
-            sub = df.filter(pl.col("domain") == d)
-            n_neg = manifest["options"]["negatives"]
-            neg_np = sub.get_column("negatives").explode().to_numpy().astype(np.int64).reshape(sub.height, n_neg)
-            per[name] = EvalSplit(col(sub, "user"), col(sub, "item"), torch.from_numpy(neg_np))
+            sel = dom == d
+            per[name] = EvalSplit(
+                tensor(cols[split, "user"][sel]),
+                tensor(cols[split, "item"][sel]),
+                tensor(cols[split, "negatives"][sel]),
+            )
         evals[split] = per
     return Dataset(
         path=path,

@@ -866,6 +866,10 @@ def read_files(
 ) -> list[RawDomain]:
     """Read every ``*.csv``, ``*.tsv`` and ``*.parquet`` directly in ``raw``; one domain per file.
 
+    ``.csv.gz`` and ``.tsv.gz`` are read too (the domain is the name before
+    ``.csv``); a table file compressed otherwise (``.bz2``, ``.xz``, ``.zip``…)
+    is refused, never skipped, and so are two files that give one domain.
+
     A header row is required; user and item columns must exist, rating and
     time columns are optional (names matched exactly, else case-insensitively).
     Ids are kept as strings exactly as written. CSV uses ``"`` quoting, TSV
@@ -879,22 +883,75 @@ def read_files(
     names = {"user": user_col, "item": item_col, "rating": rating_col, "ts": time_col}
     out = []
     for f in _folder(raw):
-        suffix = f.suffix.lower()
-        if f.name.startswith(".") or not f.is_file() or suffix not in (".csv", ".tsv", ".parquet"):
+        if f.name.startswith(".") or not f.is_file():
             continue  # hidden files (e.g. macOS ._x.csv) are never data
+        kind = _table_kind(f)
+        if kind is None:
+            continue
+        stem, fmt, packed = kind
+        if packed not in (None, ".gz"):
+            raise DataError(f"compressed with {packed[1:]}, which is not read (gzip it, or decompress it)", where=f)
+        if fmt == ".parquet" and packed:
+            raise DataError("a gzipped parquet file is not read (parquet is compressed already)", where=f)
 
-        def one(f=f, suffix=suffix) -> RawDomain:
-            name = safe_domain_name(f.stem, f)
-            if suffix == ".parquet":
+        def one(f=f, stem=stem, fmt=fmt, packed=packed) -> RawDomain:
+            name = safe_domain_name(stem, f)
+            if fmt == ".parquet":
                 frame = _read_table_parquet(f, names)
+            elif packed:
+                frame = _read_gzipped_table(f, "," if fmt == ".csv" else "\t", names)
             else:
-                frame = _read_table_csv(f, "," if suffix == ".csv" else "\t", names)
-            return RawDomain(name, frame, f, {"format": suffix[1:]})
+                frame = _read_table_csv(f, "," if fmt == ".csv" else "\t", names)
+            meta = {"format": fmt[1:]} if not packed else {"format": fmt[1:], "compression": "gzip"}
+            return RawDomain(name, frame, f, meta)
 
         out.append(_guard(f, one))
     if not out:
-        raise DataError("no .csv, .tsv or .parquet file", where=raw)
+        raise DataError("no .csv, .tsv or .parquet file (optionally .csv.gz, .tsv.gz)", where=raw)
+    seen: dict[str, Path] = {}
+    for rd in out:
+        if rd.name in seen:
+            raise DataError(f"two files give domain '{rd.name}': {seen[rd.name].name} and {rd.path.name}", where=raw)
+        seen[rd.name] = rd.path
     return out
+
+
+_TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+_PACKED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4", ".7z")
+
+
+def _table_kind(f: Path) -> tuple[str, str, str | None] | None:
+    """(stem, table suffix, compression suffix or None) of a table file name, None for other files."""
+    name = f.name
+    packed = next((p for p in _PACKED_SUFFIXES if name.lower().endswith(p)), None)
+    if packed:
+        name = name[: -len(packed)]
+    fmt = Path(name).suffix.lower()
+    if fmt not in _TABLE_SUFFIXES:
+        return None
+    return Path(name).stem, fmt, packed
+
+
+def _read_gzipped_table(path: Path, sep: str, names: dict[str, str]) -> pl.DataFrame:
+    """A gzipped CSV/TSV: decompressed into a temporary folder (removed after), then read like a plain one.
+
+    Errors name the ``.gz`` file (and the line in the decompressed text).
+    """
+    import shutil
+    import tempfile
+
+    _check_gzip(path)  # a truncated or corrupt archive: one line before anything else
+    with tempfile.TemporaryDirectory(prefix="uclr-gz-") as tmp:
+        plain = Path(tmp) / path.name[: -len(".gz")]
+        try:
+            with _open_binary(path) as src, open(plain, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+        except OSError as e:
+            raise DataError(f"cannot decompress: {e.strerror or e}", where=path) from None
+        try:
+            return _read_table_csv(plain, sep, names)
+        except DataError as e:
+            raise DataError(e.message, where=path, line=e.line) from None
 
 
 # --------------------------------------------------------------------------- douban
