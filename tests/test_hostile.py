@@ -399,7 +399,7 @@ def test_write_under_a_file_or_a_looping_link_is_one_line(tiny_data, small_run, 
     with pytest.raises(UclrError, match="cannot write file"):
         atomic_write(blocker / "sub" / "x.json", lambda p: p.write_text("{}"))
     r = run_cli("evaluate", "--data", tiny_data, "--run", small_run, "--device", "cpu", "--out", blocker / "x.parquet")
-    one_line_error(r, "cannot write parquet")
+    one_line_error(r, "is a file, not a folder", "--out")  # refused before any scoring
     # a seed folder that is a symbolic-link loop: refused by name, not skipped
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
