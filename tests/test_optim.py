@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uclr_cli.optim import BPRRowAdam, RowAdam
+from uclr_cli.optim import BPRRowStep, RowAdam
 from uclr_cli.stages.pretrain import bpr_objective
+
+
+def fused_adam(emb, n_users, lr, reg, betas, **kw):
+    """The fused step of the Adam family: lazy Adam, or exactly dense Adam when beta1 = 0."""
+    return BPRRowStep(emb, n_users, lr=lr, reg=reg, kind="adam" if betas[0] else "rmsprop", betas=betas, **kw)
 
 
 def test_fused_step_matches_autograd_reference():
@@ -17,7 +22,7 @@ def test_fused_step_matches_autograd_reference():
     users = torch.randn(n_users, m, generator=g, dtype=torch.float64)
     items = torch.randn(n_items, m, generator=g, dtype=torch.float64)
     emb = torch.cat([users, items]).clone()
-    fused = BPRRowAdam(emb, n_users, lr=0.01, reg=0.1, betas=(b1, 0.999))
+    fused = fused_adam(emb, n_users, lr=0.01, reg=0.1, betas=(b1, 0.999))
     ref_u, ref_i = users.clone(), items.clone()
     ref = RowAdam({"u": ref_u, "i": ref_i}, lr=0.01, betas=(b1, 0.999))
     for _ in range(6):
@@ -41,12 +46,12 @@ def test_fused_step_matches_autograd_reference():
 def test_untouched_rows_unchanged_and_state_round_trip(b1):
     emb = torch.randn(10, 4, dtype=torch.float64)
     before = emb.clone()
-    opt = BPRRowAdam(emb, 4, lr=0.1, reg=0.0, betas=(b1, 0.999))
+    opt = fused_adam(emb, 4, lr=0.1, reg=0.0, betas=(b1, 0.999))
     opt.step(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([2, 2]))
     touched = {0, 1, 4, 5, 6}
     for r in range(10):
         assert torch.equal(emb[r], before[r]) == (r not in touched)
-    other = BPRRowAdam(emb.clone(), 4, lr=0.1, reg=0.0, betas=(b1, 0.999))
+    other = fused_adam(emb.clone(), 4, lr=0.1, reg=0.0, betas=(b1, 0.999))
     assert ("opt.m" in opt.state_tensors()) == bool(b1)  # no first moment is kept without momentum
     other.load_state_tensors(opt.state_tensors())
     a = opt.step(torch.tensor([2]), torch.tensor([3]), torch.tensor([0]))
@@ -58,7 +63,7 @@ def test_without_momentum_a_touched_row_moves_by_lr_times_g_over_root_v():
     """beta1 = 0: the first step moves each touched row by -lr * g / (|g| + eps) per coordinate (v = g²)."""
     emb = torch.tensor([[1.0, -2.0], [0.5, 0.25], [-1.0, 1.0]], dtype=torch.float64)  # 1 user, 2 items
     before = emb.clone()
-    opt = BPRRowAdam(emb, 1, lr=0.1, reg=0.0, betas=(0.0, 0.999), eps=0.0)
+    opt = fused_adam(emb, 1, lr=0.1, reg=0.0, betas=(0.0, 0.999), eps=0.0)
     opt.step(torch.tensor([0]), torch.tensor([0]), torch.tensor([1]))
     eu, ei, ej = before
     coef = -torch.sigmoid(-(eu * (ei - ej)).sum())
@@ -77,7 +82,7 @@ def test_without_momentum_equals_dense_adam_beta1_zero():
     users = torch.randn(n_users, m, generator=g, dtype=torch.float64)
     items = torch.randn(n_items, m, generator=g, dtype=torch.float64)
     emb = torch.cat([users, items]).clone()
-    fused = BPRRowAdam(emb, n_users, lr=0.05, reg=0.1, betas=(0.0, 0.9))  # small b2: the decay matters
+    fused = fused_adam(emb, n_users, lr=0.05, reg=0.1, betas=(0.0, 0.9))  # small b2: the decay matters
     ref_u, ref_i = users.clone().requires_grad_(True), items.clone().requires_grad_(True)
     dense = torch.optim.Adam([ref_u, ref_i], lr=0.05, betas=(0.0, 0.9))
     for step in range(12):

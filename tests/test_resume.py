@@ -77,9 +77,19 @@ def kill_and_resume(train, run_ref, run_cut, names, at=1) -> None:
         same_files(layout.seed_dir(run_ref, 0) / name, layout.seed_dir(run_cut, 0) / name)
 
 
-@pytest.mark.parametrize("optimizer", ["rowwise-rmsprop", "rowwise-adam", "adam"])
-def test_pretrain(data, tmp_path, optimizer):
-    cfg = PretrainConfig(**PRE, optimizer=optimizer)
+PRETRAIN_OPTIONS = [
+    dict(optimizer="rowwise-rmsprop"),
+    dict(optimizer="rowwise-adam"),
+    dict(optimizer="adam"),
+    dict(optimizer="rowwise-sgd", item_bias=True, negatives="popularity"),
+    dict(optimizer="rowwise-adagrad", negatives="mix", n_negatives=2, init="uniform"),
+    dict(encoder="lightgcn", layers=2),
+]
+
+
+@pytest.mark.parametrize("options", PRETRAIN_OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_pretrain(data, tmp_path, options):
+    cfg = PretrainConfig(**PRE, **options)
 
     def train(run, progress, resume):
         pretrain.run_seed(cfg, data, run, 0, resume=resume, progress=progress)

@@ -198,26 +198,70 @@ class TrainConfig(StageConfig):
 
 
 class PretrainConfig(TrainConfig):
-    """PGE: BPR-MF over all domains (paper §3.3)."""
+    """PGE: BPR-MF over all domains (paper §3.3), or LightGCN on the union graph of every domain."""
 
     dim: StrictInt = Field(128, ge=1, description="Embedding size m.")
-    reg: StrictFloat = Field(1e-5, ge=0, description="L2 weight λ on the rows of a batch.")
-    init_std: StrictFloat = Field(0.1, gt=0, description="Std of the normal initial embeddings.")
-    # "adam": dense Adam, the paper's setting. "rowwise-adam": Adam on the rows a
-    # batch touches (lazy Adam). "rowwise-rmsprop" (default): exactly dense Adam
-    # with beta1 = 0, computed on the touched rows; above dense Adam on Douban
-    # validation (5 seeds) and several times faster. Numbers: docs/results.md.
-    optimizer: Literal["adam", "rowwise-adam", "rowwise-rmsprop"] = Field(
-        "rowwise-rmsprop",
+    reg: StrictFloat = Field(1e-5, ge=0, description="L2 weight λ on the rows of a batch (every role).")
+    reg_user: StrictFloat | None = Field(None, ge=0, description="L2 weight on the batch's user rows (default: reg).")
+    reg_pos: StrictFloat | None = Field(None, ge=0, description="L2 weight on the positive item rows (default: reg).")
+    reg_neg: StrictFloat | None = Field(None, ge=0, description="L2 weight on the negative item rows (default: reg).")
+    item_bias: StrictBool = Field(
+        False, description="An item bias: one more column, fixed at 1 in every user row, so scores stay dot products."
+    )
+    negatives: Literal["uniform", "popularity", "mix"] = Field(
+        "uniform",
         description=(
-            "rowwise-rmsprop (Adam with beta1=0 on the touched rows) | "
-            "rowwise-adam (Adam on the touched rows) | adam (dense, the paper's)."
+            "Negatives of a domain-d positive, from domain d: uniform (the paper's) | popularity (in proportion "
+            "to train interactions) | mix (popularity with probability --pop-share, else uniform)."
         ),
     )
+    pop_share: StrictFloat = Field(0.5, ge=0, le=1, description="mix: share of popularity-drawn negatives.")
+    n_negatives: StrictInt = Field(1, ge=1, le=256, description="Negatives per positive (BPR pairs per positive).")
+    init: Literal["normal", "uniform"] = Field(
+        "normal", description="Initial embeddings: normal | uniform, both with std --init-std."
+    )
+    init_std: StrictFloat = Field(0.1, gt=0, description="Std of the initial embeddings.")
+    # "adam": dense Adam, the paper's setting. The row-wise ones update only the rows a batch touches:
+    # "rowwise-rmsprop" is exactly dense Adam with beta1 = 0 (tested), "rowwise-adam" lazy Adam,
+    # "rowwise-adagrad" and "rowwise-sgd" plain Adagrad and SGD on the touched rows. Numbers: docs/results.md.
+    optimizer: Literal["adam", "rowwise-adam", "rowwise-rmsprop", "rowwise-adagrad", "rowwise-sgd"] = Field(
+        "rowwise-rmsprop",
+        description=(
+            "rowwise-rmsprop (Adam with beta1=0 on the touched rows) | rowwise-adam (Adam on the touched rows) | "
+            "rowwise-adagrad | rowwise-sgd | adam (dense, the paper's)."
+        ),
+    )
+    encoder: Literal["mf", "lightgcn"] = Field(
+        "mf",
+        description=(
+            "mf (the paper's) | lightgcn: the tables are propagated over the union user-item graph of every "
+            "domain's train rows (mean of layers 0..K); trained with dense Adam."
+        ),
+    )
+    layers: StrictInt = Field(2, ge=1, le=8, description="lightgcn: propagation layers K.")
     epochs: StrictInt = Field(200, ge=0, description="Maximum epochs.")
     # Seconds between writes of the resume state and best checkpoint (0: every epoch). A kill or
     # Ctrl-C resumes from the last write; the run's end is always written.
     save_every: StrictFloat = Field(30.0, ge=0, description="Seconds between resume checkpoints; 0 = every epoch.")
+
+    def role_regs(self) -> tuple[float, float, float]:
+        """(user, positive, negative) L2 weights."""
+        pick = lambda v: self.reg if v is None else v  # noqa: E731
+        return pick(self.reg_user), pick(self.reg_pos), pick(self.reg_neg)
+
+    @model_validator(mode="after")
+    def _encoder_options(self):
+        if self.encoder == "lightgcn" and self.optimizer != "adam":
+            if "optimizer" in self.model_fields_set:
+                raise ValueError("encoder lightgcn trains with dense Adam (--optimizer adam): every row moves")
+            self.__dict__["optimizer"] = "adam"
+        if self.encoder == "lightgcn" and self.item_bias:
+            raise ValueError("item_bias applies to --encoder mf only (propagation would mix the fixed column)")
+        if "layers" in self.model_fields_set and self.encoder != "lightgcn":
+            raise ValueError("layers applies to --encoder lightgcn only")
+        if "pop_share" in self.model_fields_set and self.negatives != "mix":
+            raise ValueError("pop_share applies to --negatives mix only")
+        return self
 
 
 class ContrastLossConfig(StageConfig):

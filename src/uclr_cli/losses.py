@@ -30,12 +30,22 @@ def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return F.softplus(neg - pos).mean()
 
 
-def bpr_objective(eu: torch.Tensor, ip: torch.Tensor, ineg: torch.Tensor, reg: float) -> torch.Tensor:
-    """BPR plus L2 on the rows used in the batch (λ·mean of squared norms)."""
+def l2_term(eu: torch.Tensor, ip: torch.Tensor, ineg: torch.Tensor, reg) -> torch.Tensor | float:
+    """L2 on the rows used in a batch: λ·mean over the batch of squared norms.
+
+    ``reg`` is one λ for every role or (user, positive, negative).
+    """
+    ru, rp, rn = reg if isinstance(reg, tuple | list) else (reg, reg, reg)
+    if ru == rp == rn:
+        return ru * (eu.pow(2).sum(1) + ip.pow(2).sum(1) + ineg.pow(2).sum(1)).mean() if ru else 0.0
+    return (ru * eu.pow(2).sum(1) + rp * ip.pow(2).sum(1) + rn * ineg.pow(2).sum(1)).mean()
+
+
+def bpr_objective(eu: torch.Tensor, ip: torch.Tensor, ineg: torch.Tensor, reg, free_user_cols=None) -> torch.Tensor:
+    """BPR plus L2 on the rows used in the batch (:func:`l2_term`); ``free_user_cols`` limits the
+    user rows' L2 to their first columns (an item bias's fixed partner column is not a weight)."""
     loss = bpr_loss((eu * ip).sum(1), (eu * ineg).sum(1))
-    if reg:
-        loss = loss + reg * (eu.pow(2).sum(1) + ip.pow(2).sum(1) + ineg.pow(2).sum(1)).mean()
-    return loss
+    return loss + l2_term(eu if free_user_cols is None else eu[:, :free_user_cols], ip, ineg, reg)
 
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -77,35 +77,56 @@ def load_torch_optimizer_tensors(opt: torch.optim.Optimizer, names: list[str], t
             opt.state[p] = {f: v.clone() if f == "step" else v.to(p.device) for f, v in st.items()}
 
 
-class BPRRowAdam:
-    """BPR-MF step with analytic gradients and Adam on the touched rows only.
+class BPRRowStep:
+    """BPR-MF step with analytic gradients, updating only the rows a batch touches.
 
-    Users and items live in one table ``emb`` (users first), and the Adam
-    moments of a row sit side by side in ``state`` (rows x 2m: m then v), so a
-    step needs one ``unique``, one gradient scatter, one moment gather and one
-    update of each table. The maths equals autograd on ``bpr_objective``
-    followed by :class:`RowAdam` (tested); it is just fewer, larger tensor
-    operations (random row access is the cost on a CPU). Both tables are
-    written back with ``index_add_`` of the change (on the CPU it is ~2x
-    faster than ``index_copy_``).
+    Users and items live in one table ``emb`` (users first), and the optimizer
+    state of a row sits side by side in ``state``, so a step needs one
+    ``unique``, one gradient scatter, one state gather and one update of each
+    table. ``kind``:
 
-    With ``betas[0] == 0`` the step is *exactly* dense Adam with β1 = 0,
-    computed lazily: there is no first moment, so a row with no gradient does
-    not move, and its v only decays by β2 per step — which is applied when the
-    row is next touched (``last`` holds each row's last step). ``state`` is
-    then v only (rows x m): a third less memory traffic than lazy Adam.
+    * ``adam``: lazy Adam (moments m then v per row; untouched rows keep theirs);
+    * ``rmsprop``: *exactly* dense Adam with β1 = 0, computed lazily: with no
+      first moment a row without gradient does not move, and its v only decays
+      by β2 per step — applied when the row is next touched (``last`` holds each
+      row's last step);
+    * ``adagrad``: v accumulates g², step lr·g/(√v + eps);
+    * ``sgd``: plain SGD, no state.
+
+    The maths equals autograd on :func:`uclr_cli.losses.bpr_objective`
+    followed by the optimizer on the touched rows (tested). L2 is per role
+    (``reg = (user, positive, negative)``), λ·squared norm of each row used,
+    averaged over the batch. With ``fixed_last_user_col`` the users' last
+    column (an item bias's partner, 1) gets no gradient and no L2.
     """
 
-    def __init__(self, emb: torch.Tensor, n_users: int, lr: float, reg: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.emb, self.n_users = emb, n_users
-        self.lr, self.reg, self.b1, self.b2, self.eps = lr, reg, betas[0], betas[1], eps
-        width = (2 if self.b1 else 1) * emb.shape[1]
+    KINDS = ("adam", "rmsprop", "adagrad", "sgd")
+
+    def __init__(
+        self,
+        emb: torch.Tensor,
+        n_users: int,
+        lr: float,
+        reg: float | tuple[float, float, float],
+        kind: str = "rmsprop",
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        fixed_last_user_col: bool = False,
+    ):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown row-wise optimizer {kind!r}")
+        self.emb, self.n_users, self.kind = emb, n_users, kind
+        self.lr, self.eps, self.fixed = lr, eps, fixed_last_user_col
+        self.reg = tuple(reg) if isinstance(reg, tuple | list) else (reg, reg, reg)
+        self.b1 = betas[0] if kind == "adam" else 0.0
+        self.b2 = betas[1]
+        width = {"adam": 2, "rmsprop": 1, "adagrad": 1, "sgd": 0}[kind] * emb.shape[1]
         self.state = torch.zeros(emb.shape[0], width, dtype=emb.dtype, device=emb.device)
-        if self.b1:  # per column: (1 - b1) for m, (1 - b2) for v
+        if kind == "adam":  # per column: (1 - b1) for m, (1 - b2) for v
             self.keep = torch.cat(
                 [emb.new_full((emb.shape[1],), 1 - self.b1), emb.new_full((emb.shape[1],), 1 - self.b2)]
             )
-        else:
+        if kind == "rmsprop":
             self.last = torch.zeros(emb.shape[0], dtype=torch.int64, device=emb.device)
         self.t = 0
 
@@ -124,46 +145,75 @@ class BPRRowAdam:
         torch.mul(diff, coef, out=g[:b])
         torch.mul(eu, coef, out=g[b : 2 * b])
         torch.neg(g[b : 2 * b], out=g[2 * b :])
-        if self.reg:
-            g.add_(x, alpha=2.0 * self.reg / b)
+        ru, rp, rn = self.reg
+        if ru == rp == rn:
+            if ru:
+                g.add_(x, alpha=2.0 * ru / b)
+        else:
+            for part, r in ((slice(0, b), ru), (slice(b, 2 * b), rp), (slice(2 * b, 3 * b), rn)):
+                if r:
+                    g[part].add_(x[part], alpha=2.0 * r / b)
+        if self.fixed:
+            g[:b, -1] = 0.0
         uniq, inv = torch.unique(rows, return_inverse=True)
         grad = torch.zeros(uniq.shape[0], dim, dtype=x.dtype, device=x.device).index_add_(0, inv, g)
         self.t += 1
+        self._update(uniq, grad)
+        loss = torch.nn.functional.softplus(-s).mean()
+        if any(self.reg):
+            free = eu[:, :-1] if self.fixed else eu
+            if ru == rp == rn and not self.fixed:
+                loss = loss + ru * torch.dot(x.view(-1), x.view(-1)) / b
+            else:
+                sq = lambda t: torch.dot(t.reshape(-1), t.reshape(-1))  # noqa: E731
+                loss = loss + (ru * sq(free) + rp * sq(ei) + rn * sq(ej)) / b
+        return loss
+
+    def _update(self, uniq: torch.Tensor, grad: torch.Tensor) -> None:
+        dim = self.emb.shape[1]
+        if self.kind == "sgd":
+            self.emb.index_add_(0, uniq, grad, alpha=-self.lr)
+            return
+        st = self.state.index_select(0, uniq)
+        if self.kind == "adagrad":
+            delta = grad * grad
+            st.add_(delta)
+            self.state.index_add_(0, uniq, delta)
+            self.emb.index_add_(0, uniq, grad.div_(st.sqrt_().add_(self.eps)), alpha=-self.lr)
+            return
         c1 = 1.0 - self.b1**self.t
         c2 = 1.0 - self.b2**self.t
-        st = self.state.index_select(0, uniq)
-        if self.b1:  # delta = ([g, g²] - [m, v]) * [1-b1, 1-b2]
+        if self.kind == "adam":  # delta = ([g, g²] - [m, v]) * [1-b1, 1-b2]
             delta = torch.cat([grad, grad * grad], 1).sub_(st).mul_(self.keep)
             m, v = st[:, :dim], st[:, dim:]
         else:  # v of a row idle for n steps decayed by b2**n in dense Adam: v' = b2**(n+1)·v + (1-b2)·g²
             idle = (self.t - 1) - self.last.index_select(0, uniq)
             self.last.index_fill_(0, uniq, self.t)
-            decay = torch.pow(self.b2, idle.to(x.dtype)).mul_(self.b2).sub_(1.0).unsqueeze(1)
+            decay = torch.pow(self.b2, idle.to(grad.dtype)).mul_(self.b2).sub_(1.0).unsqueeze(1)
             delta = (grad * grad).mul_(1 - self.b2).addcmul_(st, decay)
             m, v = grad, st
         st.add_(delta)  # the new moments; the same additions as the write-back below
         self.state.index_add_(0, uniq, delta)
         den = v.sqrt().mul_(c2**-0.5).add_(self.eps)
         self.emb.index_add_(0, uniq, m.div(den), alpha=-self.lr / c1)
-        loss = torch.nn.functional.softplus(-s).mean()
-        if self.reg:
-            loss = loss + self.reg * torch.dot(x.view(-1), x.view(-1)) / b
-        return loss
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         dim = self.emb.shape[1]
-        out = {"opt.v": self.state[:, -dim:], "opt.step": torch.tensor([self.t], dtype=torch.int64)}
-        if self.b1:
+        out = {"opt.step": torch.tensor([self.t], dtype=torch.int64)}
+        if self.kind != "sgd":
+            out["opt.v"] = self.state[:, -dim:]
+        if self.kind == "adam":
             out["opt.m"] = self.state[:, :dim]
-        else:
+        if self.kind == "rmsprop":
             out["opt.last"] = self.last
         return out
 
     def load_state_tensors(self, t: dict[str, torch.Tensor]) -> None:
         dim = self.emb.shape[1]
-        self.state[:, -dim:].copy_(t["opt.v"])
-        if self.b1:
+        if self.kind != "sgd":
+            self.state[:, -dim:].copy_(t["opt.v"])
+        if self.kind == "adam":
             self.state[:, :dim].copy_(t["opt.m"])
-        else:
+        if self.kind == "rmsprop":
             self.last.copy_(t["opt.last"])
         self.t = int(t["opt.step"][0])

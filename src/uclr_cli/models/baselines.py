@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from uclr_cli.losses import bpr_loss, l2_term
+
 Scorer = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -83,7 +85,7 @@ class BPRMF(SingleDomainModel):
     """Matrix factorisation trained with BPR (Rendle et al., 2009) on one domain.
 
     Users and items live in one table ``emb`` (users first), the layout the
-    fused row-wise Adam step (:class:`uclr_cli.optim.BPRRowAdam`) updates in place.
+    fused row-wise Adam step (:class:`uclr_cli.optim.BPRRowStep`) updates in place.
     """
 
     kind = "bprmf"
@@ -298,3 +300,11 @@ class LightGCN(SingleDomainModel):
     def tables(self) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             return self.propagate()
+
+    def objective(self, u: Tensor, i: Tensor, j: Tensor, reg) -> Tensor:
+        """BPR on the propagated embeddings + L2 on the batch's ego rows (``i``, ``j`` local);
+        ``reg`` one λ or (user, positive, negative)."""
+        users, items = self.propagate()
+        eu = users[u]
+        loss = bpr_loss((eu * items[i]).sum(1), (eu * items[j]).sum(1))
+        return loss + l2_term(self.user_emb[u], self.item_emb[i], self.item_emb[j], reg)

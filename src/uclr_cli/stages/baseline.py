@@ -28,9 +28,8 @@ from uclr_cli import layout, loop
 from uclr_cli.config import BASELINE_OPTIONS, BaselineConfig
 from uclr_cli.data.dataset import Dataset, sha256_file
 from uclr_cli.errors import CheckpointError
-from uclr_cli.losses import bpr_loss
-from uclr_cli.models.baselines import LightGCN, NeuMF, SingleDomainModel
-from uclr_cli.optim import BPRRowAdam, RowAdam, load_torch_optimizer_tensors, torch_optimizer_tensors
+from uclr_cli.models.baselines import NeuMF, SingleDomainModel
+from uclr_cli.optim import BPRRowStep, RowAdam, load_torch_optimizer_tensors, torch_optimizer_tensors
 from uclr_cli.sampling import NegativeSampler
 from uclr_cli.trained import baseline_valid_score, build_baseline, load_baseline
 
@@ -70,7 +69,7 @@ class _Optimizers:
     def __init__(self, kind: str, model: SingleDomainModel, cfg: BaselineConfig):
         self.kind, self.row, self.dense, self.names, self.tables = kind, None, None, [], {}
         if kind == "bprmf":
-            self.row = BPRRowAdam(model.emb.data, model.n_users, lr=cfg.lr, reg=cfg.reg)
+            self.row = BPRRowStep(model.emb.data, model.n_users, lr=cfg.lr, reg=cfg.reg, kind="adam")
         elif kind == "lightgcn":
             self.names = ["user_emb", "item_emb"]
             self.dense = torch.optim.Adam([model.user_emb, model.item_emb], lr=cfg.lr)
@@ -194,7 +193,7 @@ def run_domain(
                 loss = opt.row.step(u, i - lo, j - lo)
             elif kind == "lightgcn":
                 j = sampler(u, td[idx], gen)
-                loss = lightgcn_objective(model, u, i - lo, j - lo, cfg.reg)
+                loss = model.objective(u, i - lo, j - lo, cfg.reg)
                 loss.backward()
                 opt.step()
             else:  # NeuMF and its towers: log loss on the positive and `n_neg` negatives of each row
@@ -222,17 +221,6 @@ def run_domain(
         sched.start_from(score())
         out.save_best(model.tensors(), 0, sched.best)
     return sched.result(f"{stage} {domain}", seed, out.best, timer, {domain: sched.best}, {"domain": domain})
-
-
-def lightgcn_objective(model: LightGCN, u: torch.Tensor, i: torch.Tensor, j: torch.Tensor, reg: float) -> torch.Tensor:
-    """BPR on the propagated embeddings + λ·mean squared norm of the batch's ego rows (``i``, ``j`` local)."""
-    users, items = model.propagate()
-    eu = users[u]
-    loss = bpr_loss((eu * items[i]).sum(1), (eu * items[j]).sum(1))
-    if reg:
-        e0u, e0i, e0j = model.user_emb[u], model.item_emb[i], model.item_emb[j]
-        loss = loss + reg * (e0u.pow(2).sum(1) + e0i.pow(2).sum(1) + e0j.pow(2).sum(1)).mean()
-    return loss
 
 
 def neumf_objective(

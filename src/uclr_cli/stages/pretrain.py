@@ -1,12 +1,20 @@
-"""PGE: BPR-MF over the train interactions of all domains (paper §3.3, docs/design.md §3).
+"""PGE: BPR over the train interactions of all domains (paper §3.3, docs/design.md §3).
 
-The negative for a positive of domain d is a random item of domain d
-(resampled when it collides with the user's train items). Early stopping on
-validation NDCG@10 averaged over domains; the best epoch is what is saved.
+The encoder is matrix factorisation (``mf``, the paper's) or LightGCN on the
+union user-item graph of every domain's train rows (``lightgcn``): one node per
+shared user, the items of every domain; the saved tables are then the
+propagated ones, which is what contrast, finetune and evaluate consume. The
+negative for a positive of domain d comes from domain d (uniform, by
+popularity, or a mix; resampled when it collides with the user's train
+items). With ``item_bias`` the tables get one more column, 1 in every user
+row and a learned bias in every item row, so a score is still a dot product.
+Early stopping on validation NDCG@10 averaged over domains; the best epoch is
+what is saved.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -15,18 +23,34 @@ from uclr_cli import layout, loop
 from uclr_cli.config import PretrainConfig
 from uclr_cli.data.dataset import Dataset
 from uclr_cli.losses import bpr_objective
-from uclr_cli.optim import BPRRowAdam, load_torch_optimizer_tensors, torch_optimizer_tensors
+from uclr_cli.models.baselines import LightGCN, normalized_graph
+from uclr_cli.optim import BPRRowStep, load_torch_optimizer_tensors, torch_optimizer_tensors
 from uclr_cli.sampling import NegativeSampler
 
 STAGE = "pretrain"
-ROWWISE_BETA1 = {"rowwise-adam": 0.9, "rowwise-rmsprop": 0.0}  # optimizers with a fused row-wise step
+#: the row-wise optimizers: a fused BPR step on the touched rows (optim.BPRRowStep)
+ROWWISE = {"rowwise-adam": "adam", "rowwise-rmsprop": "rmsprop", "rowwise-adagrad": "adagrad", "rowwise-sgd": "sgd"}
 
 
 def init_tables(data: Dataset, cfg: PretrainConfig, seed: int, device: torch.device):
+    """Initial user and item tables (normal or uniform with std ``init_std``; the bias column: 1 and 0)."""
     g = torch.Generator().manual_seed(seed)
-    users = torch.randn(data.n_users, cfg.dim, generator=g) * cfg.init_std
-    items = torch.randn(data.n_items, cfg.dim, generator=g) * cfg.init_std
+    if cfg.init == "normal":
+        users = torch.randn(data.n_users, cfg.dim, generator=g) * cfg.init_std
+        items = torch.randn(data.n_items, cfg.dim, generator=g) * cfg.init_std
+    else:  # uniform(-a, a) has std a / sqrt(3)
+        a = cfg.init_std * math.sqrt(3.0)
+        users = (torch.rand(data.n_users, cfg.dim, generator=g) * 2 - 1) * a
+        items = (torch.rand(data.n_items, cfg.dim, generator=g) * 2 - 1) * a
+    if cfg.item_bias:
+        users = torch.cat([users, torch.ones(data.n_users, 1)], 1)
+        items = torch.cat([items, torch.zeros(data.n_items, 1)], 1)
     return users.to(device), items.to(device)
+
+
+def union_graph(data: Dataset, device) -> torch.Tensor:
+    """The normalised user-item graph of every domain's train rows (global item ids; no valid/test rows)."""
+    return normalized_graph(data.train_user.to(device), data.train_item.to(device), data.n_users, data.n_items)
 
 
 def run_seed(
@@ -42,35 +66,59 @@ def run_seed(
     device = loop.resolve_device(cfg.device)
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
     out = loop.Outputs.of(STAGE, data, run_dir, seed, layout.PRETRAIN, config)
-    out.meta = {"dim": cfg.dim}
+    out.meta = {"dim": cfg.dim + int(cfg.item_bias)}
     timer = loop.Timer()
 
     users, items = init_tables(data, cfg, seed, device)
-    rowwise = cfg.optimizer in ROWWISE_BETA1
-    if rowwise:  # one table, users first: users/items are views of it
+    regs = cfg.role_regs()
+    gcn = None
+    rowwise = cfg.optimizer in ROWWISE
+    if cfg.encoder == "lightgcn":  # ego tables trained through the propagation; dense Adam (every row moves)
+        gcn = LightGCN(data.n_users, data.n_items, 0, cfg.dim, cfg.layers, union_graph(data, device)).to(device)
+        with torch.no_grad():
+            gcn.user_emb.copy_(users)
+            gcn.item_emb.copy_(items)
+        params, names = [gcn.user_emb, gcn.item_emb], ["ego_user", "ego_item"]
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+    elif rowwise:  # one table, users first: users/items are views of it
         emb = torch.cat([users, items])
         users, items = emb[: data.n_users], emb[data.n_users :]
-        opt = BPRRowAdam(emb, data.n_users, lr=cfg.lr, reg=cfg.reg, betas=(ROWWISE_BETA1[cfg.optimizer], 0.999))
+        kind = ROWWISE[cfg.optimizer]
+        opt = BPRRowStep(emb, data.n_users, cfg.lr, regs, kind=kind, fixed_last_user_col=cfg.item_bias)
     else:
         users.requires_grad_(True)
         items.requires_grad_(True)
-        opt = torch.optim.Adam([users, items], lr=cfg.lr, fused=True)
+        if cfg.item_bias:  # the users' bias partner column stays 1: no gradient reaches it
+            users.register_hook(lambda g: g.index_fill(1, torch.tensor([cfg.dim], device=g.device), 0.0))
+        params, names = [users, items], ["user_emb", "item_emb"]
+        opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)
     gen = loop.generator(device, seed, 1)
     tu, ti, td = (t.to(device) for t in (data.train_user, data.train_item, data.train_domain))
-    sampler = NegativeSampler(data, device)
-    names = ["user_emb", "item_emb"]
+    sampler = NegativeSampler(data, device, cfg.negatives, cfg.pop_share)
+    k = cfg.n_negatives
+    free = cfg.dim if cfg.item_bias else None
 
-    def tables() -> dict[str, torch.Tensor]:
+    def weights() -> dict[str, torch.Tensor]:
+        """What training changes (the ego tables for lightgcn)."""
+        if gcn is not None:
+            return {"ego_user": gcn.user_emb.detach(), "ego_item": gcn.item_emb.detach()}
         return {"user_emb": users.detach(), "item_emb": items.detach()}
 
+    def tables() -> dict[str, torch.Tensor]:
+        """What the checkpoint holds and every later stage scores with."""
+        if gcn is None:
+            return weights()
+        u, i = gcn.tables()
+        return {"user_emb": u, "item_emb": i}
+
     def opt_tensors() -> dict[str, torch.Tensor]:
-        return opt.state_tensors() if rowwise else torch_optimizer_tensors(opt, names)
+        return opt.state_tensors() if rowwise and gcn is None else torch_optimizer_tensors(opt, names)
 
     sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
     if resume and out.state.is_file():
         t = out.load_state(sched, gen)
-        loop.restore(t, tables(), out.state)
-        if rowwise:
+        loop.restore(t, weights(), out.state)
+        if rowwise and gcn is None:
             opt.load_state_tensors(t)
         else:
             load_torch_optimizer_tensors(opt, names, t)
@@ -87,12 +135,19 @@ def run_seed(
         for s in range(0, n, cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
             u, i, d = tu[idx], ti[idx], td[idx]
+            if k > 1:  # one BPR pair per negative
+                u, i, d = u.repeat_interleave(k), i.repeat_interleave(k), d.repeat_interleave(k)
             j = sampler(u, d, gen)
-            if rowwise:
+            if gcn is not None:
+                opt.zero_grad(set_to_none=True)
+                loss = gcn.objective(u, i, j, regs)
+                loss.backward()
+                opt.step()
+            elif rowwise:
                 loss = opt.step(u, i, j)
             else:
                 opt.zero_grad(set_to_none=True)
-                loss = bpr_objective(users[u], items[i], items[j], cfg.reg)
+                loss = bpr_objective(users[u], items[i], items[j], regs, free)
                 loss.backward()
                 opt.step()
             total += loss.detach() * len(idx)
@@ -103,13 +158,13 @@ def run_seed(
         with torch.no_grad():
             score, improved = sched.validate(epoch, lambda: loop.valid_scores(data, *tables().values(), data.valid))
         if improved:
-            pending_best = ({k: v.clone() for k, v in tables().items()}, epoch)
+            pending_best = ({k_: v.clone() for k_, v in tables().items()}, epoch)
         done = sched.done(epoch)
         if done or last_save.elapsed() >= cfg.save_every:
             if pending_best is not None:
                 out.save_best(*pending_best, sched.best)
                 pending_best = None
-            out.save_state(sched, epoch, done, {**tables(), **opt_tensors()}, gen)
+            out.save_state(sched, epoch, done, {**weights(), **opt_tensors()}, gen)
             last_save = loop.Timer()
         if progress:
             progress(sched.event(STAGE, seed, epoch, epoch_loss, score))
