@@ -383,7 +383,7 @@ def test_export_round_trip_equals_evaluate(tiny_data, run, tmp_path, fmt):
     for di, d in enumerate(data.domains):
         lo, hi = data.item_offsets[di], data.item_offsets[di + 1]
         assert item_ids[d] == ids.item_ids(data)[lo:hi].tolist()
-        u, it = (torch.from_numpy(np.ascontiguousarray(x)) for x in tables[d])
+        u, it = (torch.from_numpy(np.array(x, copy=True)) for x in tables[d])
         assert u.shape == (data.n_users, meta["dim"]) and it.shape == (hi - lo, meta["dim"])
         t = data.test[d]
         ranks = rank_candidates(u, it, t.users, t.pos - lo, t.negs - lo)

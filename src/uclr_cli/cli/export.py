@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from uclr_cli.cli import common, training
-from uclr_cli.data.dataset import load_prepared
 from uclr_cli.errors import ConfigError, DataError
 from uclr_cli.files import check_writable
 from uclr_cli.stages import export as stage
@@ -16,7 +15,7 @@ from uclr_cli.stages import export as stage
 def export(
     run: Path | None = typer.Option(None, "--run", help="Run folder (default: runs/<dataset name>)."),
     data: Path | None = typer.Option(
-        None, "--data", help="Prepared folder (default: the only one under data/, or uclr.toml's)."
+        None, "--data", help="Prepared folder (default: the one the run records, else the only one under data/)."
     ),
     domain: str | None = typer.Option(None, "--domain", help="One domain (default: every domain)."),
     model: str | None = typer.Option(
@@ -32,7 +31,7 @@ def export(
         raise ConfigError(f"format must be one of {', '.join(stage.FORMATS)}; got {fmt!r}", "--format")
     if fmt != "npy":
         check_writable(out, "export", DataError)
-    ds = load_prepared(Path(data) if data is not None else training.default_data_dir())
+    ds = training.load_data(data, run)
     run_dir = Path(run) if run is not None else Path("runs") / ds.name
     domains = None if domain is None else [domain]
     result = stage.run(ds, run_dir, out, fmt, domains=domains, model=model, seed=seed, device=device)

@@ -11,7 +11,6 @@ from rich.table import Table
 
 from uclr_cli.cli import common, training
 from uclr_cli.data import ids
-from uclr_cli.data.dataset import load_prepared
 from uclr_cli.errors import ConfigError, DataError
 from uclr_cli.files import check_writable
 from uclr_cli.stages import recommend as stage
@@ -28,7 +27,7 @@ def _model_line(result: stage.RecommendResult) -> str:
 def recommend(
     run: Path | None = typer.Option(None, "--run", help="Run folder (default: runs/<dataset name>)."),
     data: Path | None = typer.Option(
-        None, "--data", help="Prepared folder (default: the only one under data/, or uclr.toml's)."
+        None, "--data", help="Prepared folder (default: the one the run records, else the only one under data/)."
     ),
     domain: str = typer.Option(..., "--domain", help="Domain whose items are recommended."),
     user: str | None = typer.Option(None, "--user", help="One raw user id (as in the raw logs)."),
@@ -72,7 +71,7 @@ def recommend(
         if out is not None:
             raise ConfigError("--out goes with --users; --user prints its list", "--out")
         wanted = [user]
-    ds = load_prepared(Path(data) if data is not None else training.default_data_dir())
+    ds = training.load_data(data, run)
     run_dir = Path(run) if run is not None else Path("runs") / ds.name
     result = stage.run(
         ds, run_dir, domain, wanted, k=top, model=model, seed=seed, include_seen=include_seen, device=device
