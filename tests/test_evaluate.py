@@ -138,10 +138,10 @@ def test_mean_std_match_per_seed_parquet(tiny_data, trained, tmp_path):
     rep = evaluate_json(tiny_data, trained, "--out", out)
     assert out.is_file() and not list(out.parent.glob(".*tmp*"))
     df = pl.read_parquet(out)
-    assert df.columns == ["domain", "model", "seed", "bucket", "metric", "k", "value", "n_users"]
+    assert df.columns == ["protocol", "domain", "model", "seed", "bucket", "metric", "k", "value", "n_users"]
     assert sorted(df.get_column("seed").unique().to_list()) == [0, 1]
     groups = {}
-    for dom, model, _seed, bucket, metric, k, value, _n in df.iter_rows():
+    for _proto, dom, model, _seed, bucket, metric, k, value, _n in df.iter_rows():
         groups.setdefault((dom, model, bucket, metric, k), []).append(value)
     assert len(groups) == len(rep.rows)
     for row in rep.rows:

@@ -408,6 +408,11 @@ class EvaluateConfig(StageConfig):
     )
     out: Path | None = Field(None, description="Write per-seed, per-bucket rows to this parquet file.")
     plot: Path | None = Field(None, description="Save a PNG of NDCG@(first K) by activity bucket (needs matplotlib).")
+    protocol: list[Literal["sampled", "full"]] = Field(
+        default_factory=lambda: ["sampled"],
+        min_length=1,
+        description="sampled (the 99 fixed negatives), full (every item the user did not interact with), or both.",
+    )
     device: Device = Field("auto", description=DEVICE_HELP)
 
     @model_validator(mode="after")

@@ -62,3 +62,58 @@ def _remove(tmp: Path) -> None:
     """Remove a temporary file; where that fails too (e.g. its parent is not a folder) there is nothing to remove."""
     with contextlib.suppress(OSError):
         tmp.unlink(missing_ok=True)
+
+
+def check_writable(path: str | Path, what: str = "file", error: type[UclrError] = UclrError) -> None:
+    """Fail early, before any work, when ``path`` cannot be written: create and remove its temporary sibling."""
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb"):
+            pass
+        tmp.unlink()
+    except OSError as e:
+        _remove(tmp)
+        raise error(f"cannot write {what}: {os_reason(e)}", path) from None
+
+
+def atomic_dir(
+    path: str | Path,
+    write: Callable[[Path], None],
+    what: str = "folder",
+    marker: str | None = None,
+    error: type[UclrError] = UclrError,
+) -> None:
+    """Like :func:`atomic_write` for a folder: ``write(tmp_dir)``, fsync its files, rename it into place.
+
+    An existing ``path`` is replaced only if it is a folder holding ``marker`` (an earlier output of the same
+    kind); anything else is refused, so a mistyped ``--out`` never removes the user's files.
+    """
+    import shutil
+
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir() or path.is_symlink() or (marker is not None and not (path / marker).is_file()):
+            raise error(f"output exists and is not an earlier {what}; refusing to replace it", path)
+    tmp = temporary_sibling(path)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise error(f"cannot write {what}: {os_reason(e)}", path) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -91,13 +91,32 @@ def _eval_metric_cells(cells, best, domain, model, bucket, cols) -> list[str]:
     return out
 
 
+PROTOCOL_TEXT = {
+    "sampled": "sampled protocol: the positive against its 99 fixed negatives",
+    "full": "full protocol: the positive against every item the user did not interact with",
+}
+
+
+def by_protocol(report) -> list[tuple[str, object]]:
+    """(protocol, the report restricted to its rows) for each protocol of the report, in order."""
+    protocols = list(dict.fromkeys(getattr(r, "protocol", "sampled") for r in report.rows)) or ["sampled"]
+    return [(p, report.model_copy(update={"rows": [r for r in report.rows if r.protocol == p]})) for p in protocols]
+
+
 def eval_tables(report, by_activity: bool = False, models: list[str] | None = None) -> list[Table]:
-    """The results table (rows domain × model) and, with ``by_activity``, the per-bucket one.
+    """The results table (rows domain × model) and, with ``by_activity``, the per-bucket one, per protocol.
 
     Cells are ``mean ± std`` in percent over seeds; the best mean of each
     domain (and bucket) and column is bold. ``models`` gives the row order
     (default: the order of the report's rows).
     """
+    tables = []
+    for protocol, part in by_protocol(report):
+        tables += _eval_tables(part, by_activity, models, PROTOCOL_TEXT.get(protocol, protocol))
+    return tables
+
+
+def _eval_tables(report, by_activity: bool, models: list[str] | None, protocol: str) -> list[Table]:
     cells, best = _eval_index(report)
     cols = _eval_columns(report)
     if models is None:
@@ -107,7 +126,8 @@ def eval_tables(report, by_activity: bool = False, models: list[str] | None = No
     uneven = len(n_seeds) > 1
     seeds_title = _seeds_text(len(report.seeds))
     t = Table(
-        title=f"{report.split} of '{report.dataset}': mean ± std over {seeds_title} (%), best per domain in bold",
+        title=f"{report.split} of '{report.dataset}': mean ± std over {seeds_title} (%), best per domain in bold; "
+        f"{protocol}",
     )
     t.add_column("domain (users)")
     t.add_column("model")
@@ -140,7 +160,7 @@ def eval_tables(report, by_activity: bool = False, models: list[str] | None = No
     if by_activity:
         a = Table(
             title=f"{report.split} of '{report.dataset}' by activity (users by train interactions in the domain): "
-            f"mean ± std over {seeds_title} (%), best per bucket in bold",
+            f"mean ± std over {seeds_title} (%), best per bucket in bold; {protocol}",
         )
         a.add_column("domain")
         a.add_column("bucket (users)")
@@ -198,6 +218,7 @@ def eval_plot(report, path, models: list[str] | None = None) -> None:
     """Grouped bars per domain: NDCG@(first K) of each model per activity bucket, ± std over seeds."""
     figure = require_matplotlib()
     k = report.ks[0]
+    report = by_protocol(report)[0][1]  # one protocol per figure: the first
     cells, _ = _eval_index(report)
     if models is None:
         models = list(dict.fromkeys(r.model for r in report.rows))

@@ -15,17 +15,18 @@ checkpoints it was built from (``*_sha256``), and refuses a mismatch in one line
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from uclr_cli import catalogue, layout, registry
 from uclr_cli import checkpoint as ckpt
-from uclr_cli import layout, registry
 from uclr_cli.config import ContrastConfig
 from uclr_cli.contrastive import TemperatureState
 from uclr_cli.data.dataset import Dataset, sha256_file
-from uclr_cli.errors import CheckpointError, DataError
+from uclr_cli.errors import CheckpointError, ConfigError, DataError
 from uclr_cli.metrics import default_chunk, positive_ranks, rank_candidates, summarize
 from uclr_cli.models.autoencoder import AutoEncoder, load_ae
 from uclr_cli.models.baselines import BPRMF, LightGCN, NeuMF, SingleDomainModel, normalized_graph
@@ -213,3 +214,174 @@ def baseline_valid_score(model: SingleDomainModel, data: Dataset, domain: str, k
     if len(ev.users) == 0:
         return math.nan
     return float(summarize(rank_model(model, ev.users, ev.pos, ev.negs), [k])[("ndcg", k)])
+
+
+# --- one model of one domain, for using it (recommend, export, full-catalogue evaluation) ----------------------
+
+
+@dataclass
+class DomainModel:
+    """A trained model of one seed and domain, with what scores every item of the domain.
+
+    ``users`` (U, m) and ``items`` (I_d, m, the domain's items in global index
+    order) when scores are dot products ``users[u] · items[i]``; both None for
+    a model with its own scorer (NeuMF), scored through ``pair_scorer``.
+    """
+
+    name: str
+    seed: int
+    domain: str
+    item_offset: int
+    n_items: int
+    users: torch.Tensor | None
+    items: torch.Tensor | None
+    pair_scorer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    width: int = 1  # elements per (user, item) pair the scorer holds at once (chunk sizing)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_dot(self) -> bool:
+        return self.users is not None
+
+    def score_all(self) -> catalogue.ScoreFn:
+        """``users (c,) -> (c, I_d)`` scores of every item of the domain."""
+        if self.users is not None:
+            return catalogue.dot_scores(self.users, self.items)
+        lo, n, fn = self.item_offset, self.n_items, self.pair_scorer
+
+        def score(users: torch.Tensor) -> torch.Tensor:
+            cand = torch.arange(lo, lo + n, device=users.device).expand(len(users), n)
+            return fn(users, cand)
+
+        return score
+
+    def chunk(self, device: torch.device) -> int:
+        return catalogue.full_chunk(self.n_items, device, self.width)
+
+
+def has_model(seed_dir: Path, name: str, data: Dataset, domain: str) -> bool:
+    """Whether ``seed_dir`` holds what model ``name`` needs in ``domain``."""
+    seed_dir = Path(seed_dir)
+    if name in registry.BASELINES.values():
+        return (seed_dir / layout.baseline_name(registry.baseline_kind(name), domain)).is_file()
+    if name == "UCLR":
+        return (seed_dir / layout.finetune_name(domain)).is_file()
+    if name == "PGE":
+        return (seed_dir / layout.PRETRAIN).is_file()
+    if name in registry.CONTRAST_VARIANTS:
+        return (seed_dir / layout.CONTRAST[registry.CONTRAST_VARIANTS[name]]).is_file()
+    return False
+
+
+def domain_model(seed_dir: Path, seed: int, name: str, data: Dataset, domain: str, device) -> DomainModel:
+    """Load model ``name`` of ``seed_dir`` for ``domain`` (checked like every load)."""
+    d = data.domain_index(domain)
+    lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
+    dev = torch.device(device)
+    if name not in registry.TRAINED:
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(registry.TRAINED)}", "--model")
+    if not has_model(seed_dir, name, data, domain):
+        raise DataError(f"no {name} checkpoint for domain {domain}", seed_dir)
+    if name in registry.BASELINES.values():
+        model = load_baseline(seed_dir, registry.baseline_kind(name), data, domain, device)
+        return as_domain_model(model, name, seed, domain, dev)
+    if name == "UCLR":
+        users, items = load_finetuned(Path(seed_dir), data, domain, device)
+    else:
+        users, items = vectors(seed_dir, name, data, device)[domain]
+    return DomainModel(name, seed, domain, lo, hi - lo, users, items[lo:hi], device=dev)
+
+
+def as_domain_model(model: SingleDomainModel, name: str, seed: int, domain: str, device) -> DomainModel:
+    """A loaded single-domain baseline as a :class:`DomainModel` (dot tables when it has them)."""
+    lo, n = model.item_offset, model.n_items
+    tables = model.tables()
+    if tables is not None:
+        return DomainModel(name, seed, domain, lo, n, tables[0], tables[1], device=torch.device(device))
+    # NeuMF holds (chunk, I_d, ·) GMF products and MLP activations at once
+    width = 2 * model.dim + sum(lin.out_features for lin in model.mlp)
+    return DomainModel(name, seed, domain, lo, n, None, None, model.scorer(), width, torch.device(device))
+
+
+def valid_ndcg(model: DomainModel, data: Dataset, k: int = 10) -> float:
+    """NDCG@k (0..1) of ``model`` on its domain's fixed validation candidates (NaN without rows)."""
+    ev = data.valid[model.domain]
+    if len(ev.users) == 0:
+        return math.nan
+    lo = model.item_offset
+    ev = ev.to(model.device)
+    if model.is_dot:
+        ranks = rank_candidates(model.users, model.items, ev.users, ev.pos - lo, ev.negs - lo)
+    else:
+        cand = torch.cat([ev.pos.unsqueeze(1), ev.negs], dim=1)
+        scores = torch.cat(
+            [model.pair_scorer(ev.users[s : s + 4096], cand[s : s + 4096]) for s in range(0, len(ev.users), 4096)]
+        )
+        ranks = positive_ranks(scores[:, 0], scores[:, 1:])
+    return float(summarize(ranks, [k])[("ndcg", k)])
+
+
+@dataclass
+class Choice:
+    """A model picked for use: its name and seed, and the validation scores it was picked on."""
+
+    name: str
+    seed: int
+    seed_dir: Path
+    picked: bool  # True when chosen as the best on validation, False when asked for by name
+    valid: dict[str, float] = field(default_factory=dict)  # model -> mean valid NDCG@10 over seeds (percent)
+
+
+def choose(
+    run_dir: Path,
+    data: Dataset,
+    domains: list[str],
+    device,
+    model: str | None = None,
+    seed: int | None = None,
+    allowed: Callable[[str], bool] = lambda _name: True,
+) -> Choice:
+    """The model and seed to use in ``domains``.
+
+    ``model=None``: the trained model with the best validation NDCG@10, averaged
+    over the seeds that hold it in every one of ``domains`` and then over the
+    domains (only models for which ``allowed(name)``). ``seed=None``: the first
+    seed that holds the chosen model.
+    """
+    seeds = layout.find_seeds(run_dir)
+    if seed is not None:
+        seeds = [(s, p) for s, p in seeds if s == seed]
+        if not seeds:
+            raise ConfigError(f"no seed-{seed} folder in the run", "--seed")
+    if model is not None and model not in registry.TRAINED:
+        raise ConfigError(f"unknown model {model!r}; known: {', '.join(registry.TRAINED)}", "--model")
+
+    def holders(name: str) -> list[tuple[int, Path]]:
+        return [(s, p) for s, p in seeds if all(has_model(p, name, data, d) for d in domains)]
+
+    where = ", ".join(domains)
+    if model is not None:
+        held = holders(model)
+        if not held:
+            raise DataError(f"no {model} checkpoint for {where} in the chosen seed(s)", run_dir)
+        return Choice(model, held[0][0], held[0][1], picked=False)
+    scores: dict[str, float] = {}
+    for name in registry.TRAINED:
+        if not allowed(name):
+            continue
+        held = holders(name)
+        if not held:
+            continue
+        per_domain = []
+        for d in domains:
+            vals = [valid_ndcg(domain_model(p, s, name, data, d, device), data) for s, p in held]
+            vals = [v for v in vals if not math.isnan(v)]
+            if vals:
+                per_domain.append(100.0 * sum(vals) / len(vals))
+        if per_domain:
+            scores[name] = sum(per_domain) / len(per_domain)
+    if not scores:
+        raise DataError(f"no trained model with validation rows for {where} in the run (train first)", run_dir)
+    best = max(scores, key=lambda n: (scores[n], -registry.TRAINED.index(n)))
+    held = holders(best)
+    return Choice(best, held[0][0], held[0][1], picked=True, valid=scores)

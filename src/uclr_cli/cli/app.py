@@ -5,7 +5,19 @@ from __future__ import annotations
 import typer
 
 from uclr_cli import __version__
-from uclr_cli.cli import ablate, baseline, common, contrast, evaluate, finetune, prepare, pretrain, stats
+from uclr_cli.cli import (
+    ablate,
+    baseline,
+    common,
+    contrast,
+    evaluate,
+    export,
+    finetune,
+    prepare,
+    pretrain,
+    recommend,
+    stats,
+)
 
 app = typer.Typer(
     name="uclr",
@@ -44,6 +56,8 @@ app.command("finetune")(finetune.finetune)
 app.command("ablate")(ablate.ablate)
 app.command("baseline")(baseline.baseline)
 app.command("evaluate")(evaluate.evaluate)
+app.command("recommend")(recommend.recommend)
+app.command("export")(export.export)
 app.command("stats")(stats.stats)
 
 

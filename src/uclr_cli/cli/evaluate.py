@@ -31,7 +31,14 @@ def evaluate(
     run_dir = Path(cfg.run) if cfg.run is not None else Path("runs") / ds.name
     progress = common.info if common.STATE.verbose else None
     result = stage.run(
-        ds, run_dir, split=cfg.split, ks=cfg.k, buckets=cfg.buckets, device=cfg.device, progress=progress
+        ds,
+        run_dir,
+        split=cfg.split,
+        ks=cfg.k,
+        buckets=cfg.buckets,
+        device=cfg.device,
+        progress=progress,
+        protocols=cfg.protocol,
     )
     for w in result.warnings:
         common.warn(w)

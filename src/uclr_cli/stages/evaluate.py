@@ -1,4 +1,4 @@
-"""Evaluate every model of a run folder on the fixed candidates (docs/design.md §4).
+"""Evaluate every model of a run folder on the fixed candidates, or on the whole catalogue (docs/design.md §4).
 
 For each ``seed-*`` folder and each variant it holds (see
 :mod:`uclr_cli.trained`), every domain's candidates of one split are
@@ -7,6 +7,16 @@ the same candidates: ``Random`` (one random score per candidate, from a
 generator seeded by the seed) and ``Pop`` (items scored by their number of
 train interactions). Per-row metrics are averaged per seed, domain, model and
 activity bucket, then mean and sample std over seeds are taken.
+
+Two protocols (``protocols``): ``sampled`` ranks the positive among its 99
+fixed negatives; ``full`` ranks it among every item of the domain the user did
+not interact with in train (on the test split the user's valid item is left
+out too), with :func:`uclr_cli.catalogue.full_ranks`, chunk by chunk. Under
+``full`` the Random floor draws the positive's rank uniformly from 1..N (N =
+the row's candidates), which is the law of its rank under one i.i.d. random
+score per item (ties have probability 0), from a generator seeded by the seed
+and domain: the same kind of floor as under ``sampled``, without drawing
+users x items numbers.
 
 Plain functions: nothing here prints or exits; progress goes through a callback.
 """
@@ -24,7 +34,7 @@ import polars as pl
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from uclr_cli import layout, loop, registry, trained
+from uclr_cli import catalogue, layout, loop, registry, trained
 from uclr_cli.data.dataset import Dataset, EvalSplit
 from uclr_cli.data.split import DEFAULT_BUCKETS, bucket_index, bucket_labels
 from uclr_cli.errors import ConfigError, DataError
@@ -35,8 +45,14 @@ from uclr_cli.metrics import METRIC_NAMES, metrics_from_ranks, positive_ranks, r
 ALL_BUCKET = "all"
 #: Stream of the Random floor's generator (see ``loop.generator``); one per domain above it.
 RANDOM_STREAM = 9_000
+#: Stream of the Random floor under the full protocol (one per domain above it).
+RANDOM_FULL_STREAM = 9_500
+#: Version of the JSON payload and per-seed parquet (2: rows carry ``protocol``).
+SCHEMA_VERSION = 2
+PROTOCOLS = ("sampled", "full")
 
 PER_SEED_SCHEMA = {
+    "protocol": pl.String,
     "domain": pl.String,
     "model": pl.String,
     "seed": pl.Int64,
@@ -53,6 +69,11 @@ class EvalRow(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    protocol: Literal["sampled", "full"] = Field(
+        "sampled",
+        description="'sampled': the positive against its 99 fixed negatives; 'full': against every item of the "
+        "domain the user did not interact with in train (and, on test, not the valid item).",
+    )
     domain: str = Field(description="Domain name, as in the prepared folder's manifest.")
     model: str = Field(description="Random, Pop, PGE, PGE+AE, PGE+CL-AE, PGE+UCL-AE or UCLR.")
     bucket: str = Field(
@@ -66,6 +87,9 @@ class EvalRow(BaseModel):
     )
     n_seeds: int = Field(description="Number of seeds averaged.")
     n_users: int = Field(description="Evaluation rows (one per user) in this domain and bucket.")
+    n_candidates: float | None = Field(
+        None, description="Mean number of items each positive is ranked among (100 under 'sampled')."
+    )
 
 
 class EvalReport(BaseModel):
@@ -73,14 +97,18 @@ class EvalReport(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    schema_version: int = Field(SCHEMA_VERSION, description="Version of this payload (2: rows carry 'protocol').")
     dataset: str = Field(description="Name of the prepared dataset.")
     fingerprint: str = Field(description="Fingerprint (sha256) of the prepared dataset.")
     split: Literal["test", "valid"] = Field(description="Which fixed candidates were scored.")
+    protocols: list[Literal["sampled", "full"]] = Field(
+        default_factory=lambda: ["sampled"], description="Protocols evaluated, in the order of the rows."
+    )
     seeds: list[int] = Field(description="Seeds evaluated (seed-<s> folders with at least one checkpoint).")
     ks: list[int] = Field(description="Cut-offs K.")
     buckets: list[str] = Field(description="Activity bucket labels, in order (the 'all' bucket is not listed).")
     rows: list[EvalRow] = Field(
-        description="Ordered by domain, model, bucket ('all' first), metric (mrr, hr, ndcg), k."
+        description="Ordered by protocol, domain, model, bucket ('all' first), metric (mrr, hr, ndcg), k."
     )
 
 
@@ -121,6 +149,37 @@ def pop_scores(data: Dataset) -> torch.Tensor:
     return torch.bincount(data.train_item, minlength=data.n_items).to(torch.float64)
 
 
+def check_protocols(protocols: Sequence[str]) -> list[str]:
+    out = list(dict.fromkeys(protocols))
+    bad = [p for p in out if p not in PROTOCOLS]
+    if bad or not out:
+        raise ConfigError(
+            f"protocol must be sampled, full or both (sampled,full); got {', '.join(bad) or 'none'}", "--protocol"
+        )
+    return out
+
+
+def full_exclusions(data: Dataset, split: str, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per domain, the CSR of the items each user leaves out under ``full``: train items, and the valid item on test."""
+    out = {}
+    for di, d in enumerate(data.domains):
+        lo, hi = data.item_offsets[di], data.item_offsets[di + 1]
+        sel = data.train_domain == di
+        users, items = data.train_user[sel], data.train_item[sel]
+        if split == "test":
+            users, items = torch.cat([users, data.valid[d].users]), torch.cat([items, data.valid[d].pos])
+        out[d] = tuple(t.to(device) for t in catalogue.exclusion_csr(users, items - lo, data.n_users, hi - lo))
+    return out
+
+
+def random_full_ranks(n_cand: torch.Tensor, seed: int, domain_index: int) -> torch.Tensor:
+    """Full-protocol Random floor: each row's rank uniform on 1..N (its law under i.i.d. random item scores)."""
+    gen = loop.generator(torch.device("cpu"), seed, RANDOM_FULL_STREAM + domain_index)
+    u = torch.rand(n_cand.shape, generator=gen, dtype=torch.float64)
+    n = n_cand.cpu().to(torch.float64)
+    return (1 + torch.floor(u * n)).clamp_(max=n).to(torch.int64)
+
+
 def random_ranks(ev: EvalSplit, seed: int, domain_index: int) -> torch.Tensor:
     """Ranks under one uniform random score per candidate; reproducible per (seed, domain).
 
@@ -156,15 +215,19 @@ def run(
     device: str = "auto",
     variants: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    protocols: Sequence[str] = ("sampled",),
 ) -> EvalResult:
     """Score every seed and model of ``run_dir`` on ``split``; aggregate over seeds.
 
+    ``protocols``: ``sampled`` (the fixed candidates), ``full`` (every item the
+    user did not interact with), or both; rows carry their protocol.
     ``variants`` restricts the trained variants evaluated (the floors always are).
     ``progress`` receives one short line per (seed, model).
     """
     if split not in ("test", "valid"):
         raise ConfigError(f"split must be test or valid; got {split!r}", "--split")
     ks = check_ks(ks)
+    protocols = check_protocols(protocols)
     edges = check_buckets(buckets)
     labels = bucket_labels(edges)
     if variants is not None:
@@ -212,11 +275,40 @@ def run(
     n_b = len(edges)
     pop = pop_scores(data).unsqueeze(1).to(dev)  # (I, 1): score = popularity . 1
     ones = torch.ones((data.n_users, 1), dtype=torch.float64, device=dev)
-    pop_ranks = {d: rank_candidates(ones, pop, ev.users, ev.pos, ev.negs) for d, ev in ev_dev.items()}
+    sampled, full = "sampled" in protocols, "full" in protocols
+    if sampled:
+        pop_ranks = {d: rank_candidates(ones, pop, ev.users, ev.pos, ev.negs) for d, ev in ev_dev.items()}
+    if full:
+        excl = full_exclusions(data, split, dev)
+        lo_of = {d: data.item_offsets[di] for di, d in enumerate(data.domains)}
+        n_of = {d: data.item_offsets[di + 1] - data.item_offsets[di] for di, d in enumerate(data.domains)}
+        n_cand = {d: catalogue.n_candidates(ev_dev[d].users, n_of[d], excl[d]) for d in data.domains}
+
+        def full_of(d: str, score: catalogue.ScoreFn, width: int = 1) -> torch.Tensor:
+            ev = ev_dev[d]
+            chunk = catalogue.full_chunk(n_of[d], dev, width)
+            return catalogue.full_ranks(score, ev.users, ev.pos - lo_of[d], n_of[d], excl[d], chunk)
+
+        pop_full = {d: full_of(d, catalogue.dot_scores(ones, pop[lo_of[d] : lo_of[d] + n_of[d]])) for d in data.domains}
+    n_neg = {d: splits[d].negs.shape[1] for d in data.domains}
 
     cols: dict[str, list] = {c: [] for c in PER_SEED_SCHEMA}
+    cand_mean: dict[tuple, float] = {}
 
-    def add(domain: str, model: str, seed: int, ranks: torch.Tensor) -> None:
+    def add(protocol: str, domain: str, model: str, seed: int, ranks: torch.Tensor) -> None:
+        if (protocol, domain) not in cand_mean:
+            b = row_bucket[domain]
+            nc = (
+                n_cand[domain].cpu().double()
+                if protocol == "full"
+                else torch.full(b.shape, n_neg[domain] + 1.0, dtype=torch.float64)
+            )
+            sums = torch.zeros(n_b, dtype=torch.float64).index_add_(0, b, nc)
+            cnt = torch.bincount(b, minlength=n_b)
+            cand_mean[(protocol, domain, ALL_BUCKET)] = float(nc.mean()) if len(nc) else float("nan")
+            for i in range(n_b):
+                cand_mean[(protocol, domain, labels[i])] = float(sums[i] / cnt[i]) if cnt[i] else float("nan")
+            cand_mean[(protocol, domain)] = 0.0
         per = bucket_rows(ranks, row_bucket[domain], n_b, ks)
         n_all = int(ranks.shape[0])
         for k in ks:
@@ -229,6 +321,7 @@ def run(
                 for label, s_val, n in entries:
                     if n == 0:  # nothing to average: the bucket (or domain) has no rows
                         continue
+                    cols["protocol"].append(protocol)
                     cols["domain"].append(domain)
                     cols["model"].append(model)
                     cols["seed"].append(seed)
@@ -241,14 +334,22 @@ def run(
     for s, sdir, have in plan:
         note(f"seed {s}: Random, Pop")
         for di, d in enumerate(data.domains):
-            add(d, "Random", s, random_ranks(splits[d], s, di))
-            add(d, "Pop", s, pop_ranks[d])
+            if sampled:
+                add("sampled", d, "Random", s, random_ranks(splits[d], s, di))
+                add("sampled", d, "Pop", s, pop_ranks[d])
+            if full:
+                add("full", d, "Random", s, random_full_ranks(n_cand[d], s, di))
+                add("full", d, "Pop", s, pop_full[d])
         for v in have:
             note(f"seed {s}: {v}")
             if v in registry.BASELINES.values():  # single-domain models: rows for the domains they were trained on
                 for d, model in trained.baseline_models(sdir, v, data, dev):
                     ev = ev_dev[d]
-                    add(d, v, s, trained.rank_model(model, ev.users, ev.pos, ev.negs))
+                    if sampled:
+                        add("sampled", d, v, s, trained.rank_model(model, ev.users, ev.pos, ev.negs))
+                    if full:
+                        dm = trained.as_domain_model(model, v, s, d, dev)
+                        add("full", d, v, s, full_of(d, dm.score_all(), dm.width))
                 continue
             tables = trained.vectors(sdir, v, data, dev)
             for d in data.domains:
@@ -256,34 +357,45 @@ def run(
                     continue
                 u, it = tables[d]
                 ev = ev_dev[d]
-                add(d, v, s, rank_candidates(u, it, ev.users, ev.pos, ev.negs))
+                if sampled:
+                    add("sampled", d, v, s, rank_candidates(u, it, ev.users, ev.pos, ev.negs))
+                if full:
+                    add("full", d, v, s, full_of(d, catalogue.dot_scores(u, it[lo_of[d] : lo_of[d] + n_of[d]])))
             del tables
         missing = [d for d in data.domains if "UCLR" in have and not (sdir / layout.finetune_name(d)).is_file()]
         if missing:
             warnings.append(f"{sdir}: UCLR not finetuned for {', '.join(missing)}; no UCLR rows there for seed {s}")
 
     per_seed = pl.DataFrame(cols, schema=PER_SEED_SCHEMA)
-    report = _aggregate(data, split, all_seeds, ks, labels, per_seed)
+    report = _aggregate(data, split, all_seeds, ks, labels, per_seed, protocols, cand_mean)
     models = sorted({r.model for r in report.rows}, key=registry.model_rank)
     return EvalResult(report=report, per_seed=per_seed, models=models, warnings=warnings)
 
 
 def _aggregate(
-    data: Dataset, split: str, seeds: list[int], ks: list[int], labels: list[str], per_seed: pl.DataFrame
+    data: Dataset,
+    split: str,
+    seeds: list[int],
+    ks: list[int],
+    labels: list[str],
+    per_seed: pl.DataFrame,
+    protocols: list[str],
+    cand_mean: dict[tuple, float],
 ) -> EvalReport:
     groups: dict[tuple, list[float]] = {}
     users: dict[tuple, int] = {}
-    for dom, model, bucket, metric, k, value, n in per_seed.select(
-        ["domain", "model", "bucket", "metric", "k", "value", "n_users"]
+    for proto, dom, model, bucket, metric, k, value, n in per_seed.select(
+        ["protocol", "domain", "model", "bucket", "metric", "k", "value", "n_users"]
     ).iter_rows():
-        key = (dom, model, bucket, metric, k)
+        key = (proto, dom, model, bucket, metric, k)
         groups.setdefault(key, []).append(value)
         users[key] = n  # the same rows for every seed: candidates are fixed
     b_order = {b: i for i, b in enumerate([ALL_BUCKET, *labels])}
 
     def order(key):
-        dom, model, bucket, metric, k = key
+        proto, dom, model, bucket, metric, k = key
         return (
+            protocols.index(proto),
             data.domains.index(dom),
             registry.model_rank(model),
             b_order[bucket],
@@ -295,9 +407,10 @@ def _aggregate(
     for key in sorted(groups, key=order):
         vals = groups[key]
         std = statistics.stdev(vals) if len(vals) > 1 else None
-        dom, model, bucket, metric, k = key
+        proto, dom, model, bucket, metric, k = key
         rows.append(
             EvalRow(
+                protocol=proto,
                 domain=dom,
                 model=model,
                 bucket=bucket,
@@ -307,10 +420,18 @@ def _aggregate(
                 std=std,
                 n_seeds=len(vals),
                 n_users=users[key],
+                n_candidates=cand_mean.get((proto, dom, bucket)),
             )
         )
     return EvalReport(
-        dataset=data.name, fingerprint=data.fingerprint, split=split, seeds=seeds, ks=ks, buckets=labels, rows=rows
+        dataset=data.name,
+        fingerprint=data.fingerprint,
+        split=split,
+        protocols=protocols,
+        seeds=seeds,
+        ks=ks,
+        buckets=labels,
+        rows=rows,
     )
 
 
