@@ -15,8 +15,11 @@ better than absolute times). Sections:
 * recommend — full-catalogue top-10 of the largest domain (books) for all 26,507 users at the Amazon shape:
               users/s of the top-K itself, and `uclr recommend --users` end to end in a child with its peak RSS
 * baselines — seconds per epoch of BPRMF, NeuMF and LightGCN on domain books at the Amazon shape
-* quality   — validation NDCG@10 after equal training time (--budget): our PGE (row-wise and dense Adam) vs
-              `implicit`'s CPU BPR (the `bench` extra), all scored by our evaluator on the same candidates
+* quality   — validation NDCG@10 after equal training time (--budget), on the Amazon preset and on Douban
+              (../shared/data/douban, when present): our default PGE and the paper's PGE vs `implicit`'s CPU
+              BPR (the `bench` extra), implicit's ALS on all domains together (a small grid chosen on
+              validation), and our default UCLR (contrast + finetune on the default PGE); all scored by our
+              evaluator on the same candidates
 * e2e       — prepare -> pretrain -> contrast -> finetune -> evaluate through the CLI, one seed, on the CPU:
               wall time and peak RSS per step
 * scaling   — pretrain seconds per epoch and peak RSS at 0.25x to 4x the Amazon shape, one child process per scale
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -326,8 +330,8 @@ def _spent(used: float, last_epoch: float, budget: float) -> bool:
     return used + last_epoch / 2 >= budget
 
 
-def ours_to_budget(data, optimizer: str, budget: float, run: Path) -> dict:
-    """Our PGE (`pretrain.run_seed`, seed 0, default settings) until ``budget`` seconds of training.
+def ours_to_budget(data, options: dict, budget: float, run: Path) -> dict:
+    """Our PGE (`pretrain.run_seed`, seed 0, ``options`` over the defaults) until ``budget`` seconds of training.
 
     Only the epochs' training loops count (the time behind the stage's own samples/s); the validation after
     each epoch (our evaluator, the same candidates) and the stage's per-epoch resume checkpoint do not.
@@ -345,7 +349,7 @@ def ours_to_budget(data, optimizer: str, budget: float, run: Path) -> dict:
         if _spent(used, t, budget):
             raise _BudgetSpent
 
-    cfg = PretrainConfig(optimizer=optimizer, epochs=1_000_000, patience=1_000_000, eval_every=1, device="cpu")
+    cfg = PretrainConfig(**{**options, "epochs": 1_000_000, "patience": 1_000_000, "eval_every": 1, "device": "cpu"})
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
     try:
@@ -422,52 +426,122 @@ def implicit_to_budget(data, budget: float, threads: int, factors: int = 128) ->
     }
 
 
+def als_on_validation(data, threads: int) -> dict | None:
+    """`implicit`'s ALS on the interactions of all domains together (users shared, one global item index).
+
+    A small grid (factors, regularization, alpha) chosen on the validation candidates; None if not installed.
+    """
+    try:
+        import scipy.sparse
+        from implicit.cpu.als import AlternatingLeastSquares
+    except ImportError:
+        return None
+    import torch
+
+    from uclr_cli import loop
+
+    u, i = data.train_user.numpy(), data.train_item.numpy()
+    ui = scipy.sparse.csr_matrix((np.ones(len(u), dtype=np.float32), (u, i)), shape=(data.n_users, data.n_items))
+    ui.sum_duplicates()
+    ui.data[:] = 1.0
+    best = None
+    for factors in (64, 128):
+        for reg in (0.01, 0.1, 1.0):
+            for alpha in (1.0, 10.0, 40.0):
+                model = AlternatingLeastSquares(
+                    factors=factors, regularization=reg, alpha=alpha, num_threads=threads, random_state=0
+                )
+                t0 = time.perf_counter()
+                model.fit(ui, show_progress=False)
+                fit_s = time.perf_counter() - t0
+                uv = torch.from_numpy(np.ascontiguousarray(model.user_factors))
+                iv = torch.from_numpy(np.ascontiguousarray(model.item_factors))
+                per = loop.valid_scores(data, uv, iv, data.valid)
+                score = loop.mean_score(per)
+                if best is None or score > best["ndcg"]:
+                    best = {"ndcg": score, "per_domain": per, "fit_s": fit_s, "setting": (factors, reg, alpha)}
+    return best
+
+
+def uclr_on_top(data, pre_run: Path, run: Path) -> tuple[float, float]:
+    """Default contrast and finetune on the seed-0 PGE of ``pre_run``: (UCLR valid NDCG@10, seconds)."""
+    from uclr_cli import layout
+    from uclr_cli.config import ContrastConfig, FinetuneConfig
+    from uclr_cli.stages import contrast, evaluate, finetune
+
+    shutil.rmtree(run, ignore_errors=True)
+    layout.seed_dir(run, 0).mkdir(parents=True)
+    shutil.copy(layout.seed_dir(pre_run, 0) / layout.PRETRAIN, layout.seed_dir(run, 0))
+    t0 = time.perf_counter()
+    contrast.run_seed(ContrastConfig(device="cpu"), data, run, 0)
+    for d in data.domains:
+        finetune.run_domain(FinetuneConfig(device="cpu"), data, run, 0, d)
+    seconds = time.perf_counter() - t0
+    rows = evaluate.run(data, run, split="valid", ks=[10], device="cpu").report.rows
+    vals = [r.mean for r in rows if r.model == "UCLR" and r.bucket == "all" and r.metric == "ndcg"]
+    return sum(vals) / len(vals) / 100, seconds
+
+
 def bench_quality(work: Path, quick: bool) -> None:
     import torch
 
     from uclr_cli.data.dataset import load_prepared
 
-    data = load_prepared(amazon_data(work, quick))
     budget = OPTS.budget if OPTS.budget is not None else (10.0 if quick else 60.0)
     threads = torch.get_num_threads()
-    row("quality: training budget per model", f"{budget:g} s ({threads} threads, {len(data.train_user):,} train rows)")
-    peer = implicit_to_budget(data, budget, threads)
-    if peer is None:
-        row("quality: implicit BPR", "skipped: `implicit` not importable (pip install '.[bench]')")
+    datasets = [("amazon", amazon_data(work, quick))]
+    douban = ROOT.parent / "shared" / "data" / "douban"
+    if douban.is_dir():
+        uclr("prepare", "douban", str(douban), "--out", str(work / "douban"), cwd=work)
+        datasets.append(("douban", work / "douban"))
     else:
-        row(f"quality: implicit {_implicit_version()} BPR, valid NDCG@10", f"{100 * peer['ndcg']:.2f} %", "reference")
-        # Not our objective: hogwild SGD, 128 factors + an item bias, negatives over all domains by popularity.
-        row(
-            "quality: implicit BPR, epochs / samples/s",
-            f"{peer['epochs']} / {peer['samples_per_s']:,.0f}",
-            "",
-            f"{100 * peer['skipped']:.1f} % skipped",
-        )
-    from uclr_cli.config import PretrainConfig
-
-    for opt in (PretrainConfig().optimizer, "adam"):
-        r = ours_to_budget(data, opt, budget, work / f"bench-quality-{opt}")
-        name = f"{opt} (default)" if opt != "adam" else "dense Adam (the paper's)"
-        vs = (lambda key: f"{r[key] / peer[key]:.2f}x implicit") if peer else (lambda key: "")
-        row(
-            f"quality: ours {name}, valid NDCG@10",
-            f"{100 * r['ndcg']:.2f} %",
-            ">= implicit at equal wall time" if peer else "",
-            vs("ndcg"),
-        )
-        row(
-            f"quality: ours {name}, epochs / samples/s",
-            f"{r['epochs']} / {r['samples_per_s']:,.0f}",
-            "",
-            vs("samples_per_s"),
-        )
-        if peer:
-            reach = next((t for _, t, score in r["curve"] if score >= peer["ndcg"]), None)
+        row("quality: Douban", f"skipped: {douban} not found")
+    paper = tomllib.loads((ROOT / "examples" / "paper" / "pretrain.toml").read_text())
+    for name, path in datasets:
+        data = load_prepared(path)
+        tag = f"quality {name}"
+        row(f"{tag}: training budget per model", f"{budget:g} s ({threads} threads, {len(data.train_user):,} rows)")
+        peer = implicit_to_budget(data, budget, threads)
+        if peer is None:
+            row(f"{tag}: implicit BPR", "skipped: `implicit` not importable (pip install '.[bench]')")
+        else:
+            ref = f"{100 * peer['ndcg']:.2f} %"
+            row(f"{tag}: implicit {_implicit_version()} BPR, valid NDCG@10", ref, "reference")
+            # Not our objective: hogwild SGD, 128 factors + an item bias, negatives over all domains by popularity.
             row(
-                f"quality: ours {name}, training s to implicit's NDCG@10",
-                f"{reach:.1f} s" if reach is not None else "not reached",
-                f"<= {budget:g} s",
+                f"{tag}: implicit BPR, epochs / samples/s",
+                f"{peer['epochs']} / {peer['samples_per_s']:,.0f}",
+                "",
+                f"{100 * peer['skipped']:.1f} % skipped",
             )
+        als = als_on_validation(data, threads)
+        if als is not None:
+            f, reg, alpha = als["setting"]
+            row(
+                f"{tag}: implicit ALS on all domains (grid on valid), valid NDCG@10",
+                f"{100 * als['ndcg']:.2f} %",
+                "",
+                f"factors {f}, reg {reg:g}, alpha {alpha:g}; fit {als['fit_s']:.1f} s",
+            )
+        for label, options in (("default", {}), ("the paper's", {k: paper[k] for k in paper if k != "epochs"})):
+            run = work / f"bench-quality-{name}-{label.replace(' ', '-')}"
+            r = ours_to_budget(data, options, budget, run)
+            vs = (lambda key, r=r: f"{r[key] / peer[key]:.2f}x implicit") if peer else (lambda key: "")
+            target = ">= implicit at equal wall time" if peer and label == "default" else ""
+            row(f"{tag}: our PGE ({label}), valid NDCG@10", f"{100 * r['ndcg']:.2f} %", target, vs("ndcg"))
+            row(f"{tag}: our PGE ({label}), epochs / samples/s", f"{r['epochs']} / {r['samples_per_s']:,.0f}")
+            if peer:
+                reach = next((t for _, t, score in r["curve"] if score >= peer["ndcg"]), None)
+                row(
+                    f"{tag}: our PGE ({label}), training s to implicit's NDCG@10",
+                    f"{reach:.1f} s" if reach is not None else "not reached",
+                    f"<= {budget:g} s",
+                )
+            if label == "default":
+                score, seconds = uclr_on_top(data, run, work / f"bench-quality-{name}-uclr")
+                vs_als = f"{score / als['ndcg']:.2f}x ALS" if als else ""
+                row(f"{tag}: our UCLR (defaults, on that PGE), valid NDCG@10", f"{100 * score:.2f} %", "", vs_als)
+                row(f"{tag}: our UCLR, contrast + finetune seconds", f"{seconds:.0f} s")
 
 
 def _implicit_version() -> str:

@@ -149,3 +149,37 @@ def test_config_refuses_options_that_do_not_apply():
         with pytest.raises(ValidationError, match=msg):
             PretrainConfig(**kw)
     assert PretrainConfig(reg=0.1, reg_neg=0.0).role_regs() == (0.1, 0.1, 0.0)
+
+
+def test_paper_configs_pin_the_papers_pge_whatever_the_defaults():
+    """examples/paper reproduces the paper's PGE exactly, even though our defaults moved away from it."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "paper"
+    pre = tomllib.loads((root / "pretrain.toml").read_text())
+    abl = tomllib.loads((root / "ablate.toml").read_text())["pretrain"]
+    for conf in (pre, abl):
+        cfg = PretrainConfig(**conf)
+        got = (cfg.optimizer, cfg.reg, cfg.role_regs(), cfg.lr, cfg.dim, cfg.batch_size, cfg.init, cfg.init_std)
+        assert got == ("adam", 1e-5, (1e-5,) * 3, 1e-3, 128, 2048, "normal", 0.1)
+        assert (cfg.negatives, cfg.n_negatives, cfg.item_bias, cfg.encoder) == ("uniform", 1, False, "mf")
+
+
+def test_item_bias_column_passes_through_contrast_and_finetune(data, tmp_path):
+    """The users' constant column is not the autoencoder's or the adapter's to learn: it comes out as 1."""
+    from uclr_cli import trained
+    from uclr_cli.config import ContrastConfig, FinetuneConfig
+    from uclr_cli.stages import contrast, finetune
+
+    pretrain.run_seed(PretrainConfig(**FAST, item_bias=True), data, tmp_path, 0)
+    contrast.run_seed(ContrastConfig(batch_size=64, epochs=2, hidden=[8, 4], device="cpu"), data, tmp_path, 0)
+    dom = data.domains[0]
+    finetune.run_domain(FinetuneConfig(batch_size=256, epochs=1, rank=2, device="cpu"), data, tmp_path, 0, dom)
+    sd = layout.seed_dir(tmp_path, 0)
+    assert load_file(str(sd / layout.CONTRAST["individual"]))["ae.encoder.0.weight"].shape[1] == FAST["dim"]
+    assert load_file(str(sd / layout.finetune_name(dom)))["lora_a"].shape[1] == FAST["dim"]
+    for variant in ("PGE+UCL-AE", "UCLR"):
+        for users, items in trained.vectors(sd, variant, data, torch.device("cpu")).values():
+            assert users.shape[1] == items.shape[1] == FAST["dim"] + 1
+            assert torch.equal(users[:, -1], torch.ones(data.n_users)), variant

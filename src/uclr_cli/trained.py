@@ -28,7 +28,7 @@ from uclr_cli.contrastive import TemperatureState
 from uclr_cli.data.dataset import Dataset, sha256_file
 from uclr_cli.errors import CheckpointError, ConfigError, DataError
 from uclr_cli.metrics import default_chunk, positive_ranks, rank_candidates, summarize
-from uclr_cli.models.autoencoder import AutoEncoder, load_ae
+from uclr_cli.models.autoencoder import AutoEncoder, learned_columns, load_ae, with_fixed_column
 from uclr_cli.models.baselines import BPRMF, LightGCN, NeuMF, SingleDomainModel, normalized_graph
 from uclr_cli.models.lora import LoRAEmbedding
 
@@ -57,7 +57,9 @@ def load_finetuned(seed_dir: Path, data: Dataset, domain: str, device) -> tuple[
     """User representations Dec(Enc(W)) and the item table of a finetuned domain."""
     d = data.domain_index(domain)
     pre_path, con_path = seed_dir / layout.PRETRAIN, seed_dir / layout.CONTRAST["individual"]
-    users_e, items_e, _ = load_pretrain(pre_path, data)
+    users_e, items_e, pre_meta = load_pretrain(pre_path, data)
+    fixed = bool(pre_meta.get("item_bias"))
+    users_e = learned_columns(users_e, fixed)
     pre_sha, con_sha = sha256_file(pre_path), sha256_file(con_path)
     ae, _, _, _ = load_contrast(con_path, data, pre_sha, device)
     t, meta = ckpt.load(
@@ -77,7 +79,7 @@ def load_finetuned(seed_dir: Path, data: Dataset, domain: str, device) -> tuple[
         lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
         items[lo:hi] = t["domain_items"].to(device)
     with torch.no_grad():
-        return ae(lora.weight()), items
+        return with_fixed_column(ae(lora.weight()), fixed), items
 
 
 def available(seed_dir: Path, data: Dataset) -> list[str]:
@@ -110,15 +112,16 @@ def vectors(seed_dir: Path, variant: str, data: Dataset, device: torch.device) -
             for d in data.domains
             if (seed_dir / layout.finetune_name(d)).is_file()
         }
-    users, items, _ = load_pretrain(seed_dir / layout.PRETRAIN, data)
+    users, items, pre_meta = load_pretrain(seed_dir / layout.PRETRAIN, data)
     users, items = users.to(device), items.to(device)
+    fixed = bool(pre_meta.get("item_bias"))
     if variant == "PGE":
         return {d: (users, items) for d in data.domains}
     if variant in registry.CONTRAST_VARIANTS:
         path = seed_dir / layout.CONTRAST[registry.CONTRAST_VARIANTS[variant]]
         ae, _, _, _ = load_contrast(path, data, sha256_file(seed_dir / layout.PRETRAIN), device)
         with torch.no_grad():
-            rep = ae(users)
+            rep = with_fixed_column(ae(learned_columns(users, fixed)), fixed)
         return {d: (rep, items) for d in data.domains}
     raise ValueError(f"unknown variant {variant!r}")
 

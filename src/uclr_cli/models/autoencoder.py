@@ -64,3 +64,14 @@ def ae_tensors(ae: AutoEncoder) -> dict[str, torch.Tensor]:
 def load_ae(ae: AutoEncoder, t: dict[str, torch.Tensor]) -> None:
     """Load the ``ae.*`` tensors of a checkpoint into ``ae``."""
     ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
+
+
+def learned_columns(users: torch.Tensor, fixed_last: bool) -> torch.Tensor:
+    """The columns of a PGE user table that are learned: with an item bias the last one is a constant 1
+    (the bias's partner), which the autoencoder and the adapter leave alone."""
+    return users[:, :-1] if fixed_last else users
+
+
+def with_fixed_column(rep: torch.Tensor, fixed_last: bool) -> torch.Tensor:
+    """``rep`` with the constant 1 column put back (so scores against biased item tables stay exact)."""
+    return torch.cat([rep, rep.new_ones(rep.shape[0], 1)], 1) if fixed_last else rep

@@ -19,7 +19,7 @@ from uclr_cli.config import ContrastConfig
 from uclr_cli.contrastive import TemperatureState, combined_loss
 from uclr_cli.data.dataset import Dataset, sha256_file
 from uclr_cli.data.split import DEFAULT_BUCKETS, bucket_index, bucket_labels
-from uclr_cli.models.autoencoder import AutoEncoder, ae_tensors, load_ae
+from uclr_cli.models.autoencoder import AutoEncoder, ae_tensors, learned_columns, load_ae, with_fixed_column
 from uclr_cli.optim import load_torch_optimizer_tensors, torch_optimizer_tensors
 from uclr_cli.trained import load_pretrain
 
@@ -52,9 +52,10 @@ def run_seed(
     pre_path = loop.require(out.best.parent / layout.PRETRAIN, "pretrain checkpoint")
     timer = loop.Timer()
 
-    users_e, items_e, _ = load_pretrain(pre_path, data)
+    users_e, items_e, pre_meta = load_pretrain(pre_path, data)
+    fixed = bool(pre_meta.get("item_bias"))  # the users' bias column is a constant: not the AE's to learn
     pre_sha = sha256_file(pre_path)
-    E, items = users_e.to(device), items_e.to(device)
+    E, items = learned_columns(users_e, fixed).to(device), items_e.to(device)
     dim = E.shape[1]
     torch.manual_seed(seed)
     ae = AutoEncoder(dim, cfg.hidden).to(device)
@@ -66,7 +67,7 @@ def run_seed(
 
     def score() -> dict[str, float]:
         with torch.no_grad():
-            return loop.valid_scores(data, ae(E), items, data.valid)
+            return loop.valid_scores(data, with_fixed_column(ae(E), fixed), items, data.valid)
 
     def save_best(epoch: int) -> None:
         out.save_best({**ae_tensors(ae), **temps.tensors()}, epoch, sched.best)

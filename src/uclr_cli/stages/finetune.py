@@ -20,7 +20,7 @@ from uclr_cli.contrastive import combined_loss
 from uclr_cli.data.dataset import Dataset, sha256_file
 from uclr_cli.errors import ConfigError
 from uclr_cli.losses import bpr_objective
-from uclr_cli.models.autoencoder import ae_tensors, load_ae
+from uclr_cli.models.autoencoder import ae_tensors, learned_columns, load_ae, with_fixed_column
 from uclr_cli.models.lora import LoRAEmbedding
 from uclr_cli.optim import load_torch_optimizer_tensors, torch_optimizer_tensors
 from uclr_cli.sampling import NegativeSampler
@@ -48,7 +48,9 @@ def run_domain(
     con_path = loop.require(out.best.parent / layout.CONTRAST["individual"], "contrast checkpoint")
     timer = loop.Timer()
 
-    users_e, items_e, _ = load_pretrain(pre_path, data)
+    users_e, items_e, pre_meta = load_pretrain(pre_path, data)
+    fixed = bool(pre_meta.get("item_bias"))  # the adapter and the AE act on the learned columns only
+    users_e = learned_columns(users_e, fixed)
     if cfg.rank > users_e.shape[1]:
         raise ConfigError(f"rank {cfg.rank} is larger than the embedding size {users_e.shape[1]}", "--rank")
     pre_sha, con_sha = sha256_file(pre_path), sha256_file(con_path)
@@ -75,7 +77,8 @@ def run_domain(
 
     def score() -> dict[str, float]:
         with torch.no_grad():
-            return loop.valid_scores(data, ae(lora.weight()), item_table(), data.valid, [domain])
+            rep = with_fixed_column(ae(lora.weight()), fixed)
+            return loop.valid_scores(data, rep, item_table(), data.valid, [domain])
 
     def trained_tensors() -> dict[str, torch.Tensor]:
         """What the finetune checkpoint holds: the adapter and every part that trains."""
@@ -116,7 +119,7 @@ def run_domain(
             idx = perm[s : s + cfg.batch_size]
             u, i = tu[idx], ti[idx]
             j = sampler(u, td[idx], gen)
-            rep = ae(lora.rows(u))
+            rep = with_fixed_column(ae(lora.rows(u)), fixed)
             pi = dom_items[i - lo] if cfg.train_items else items[i]
             pj = dom_items[j - lo] if cfg.train_items else items[j]
             loss = bpr_objective(rep, pi, pj, cfg.reg)
