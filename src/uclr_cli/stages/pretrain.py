@@ -66,7 +66,7 @@ def run_seed(
     device = loop.resolve_device(cfg.device)
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
     out = loop.Outputs.of(STAGE, data, run_dir, seed, layout.PRETRAIN, config)
-    out.meta = {"dim": cfg.dim + int(cfg.item_bias), "item_bias": cfg.item_bias}
+    out.meta = {"dim": cfg.dim, "item_bias": cfg.item_bias}  # dim: the learned columns
     timer = loop.Timer()
 
     users, items = init_tables(data, cfg, seed, device)
