@@ -256,6 +256,8 @@ class PretrainConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _encoder_options(self):
+        # lightgcn: the optimizer and the bias follow the encoder unless set; writing __dict__ skips
+        # validate_assignment, which would run this validator again. The dumped config says what ran.
         if self.encoder == "lightgcn" and self.optimizer != "adam":
             if "optimizer" in self.model_fields_set:
                 raise ValueError("encoder lightgcn trains with dense Adam (--optimizer adam): every row moves")
