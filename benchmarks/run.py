@@ -367,6 +367,16 @@ def ours_to_budget(data, options: dict, budget: float, run: Path) -> dict:
     }
 
 
+def train_matrix(data, sparse):
+    """The train interactions of every domain as one binary users x items CSR matrix (implicit's input)."""
+    u, i = data.train_user.numpy(), data.train_item.numpy()
+    ui = sparse.csr_matrix((np.ones(len(u), dtype=np.float32), (u, i)), shape=(data.n_users, data.n_items))
+    ui.sum_duplicates()
+    ui.data[:] = 1.0
+    ui.sort_indices()
+    return ui
+
+
 def implicit_to_budget(data, budget: float, threads: int, factors: int = 128) -> dict | None:
     """`implicit`'s CPU BPR on the same train interactions until ``budget`` seconds of training; None if not installed.
 
@@ -385,11 +395,7 @@ def implicit_to_budget(data, budget: float, threads: int, factors: int = 128) ->
 
     from uclr_cli import loop
 
-    u, i = data.train_user.numpy(), data.train_item.numpy()
-    ui = scipy.sparse.csr_matrix((np.ones(len(u), dtype=np.float32), (u, i)), shape=(data.n_users, data.n_items))
-    ui.sum_duplicates()
-    ui.data[:] = 1.0
-    ui.sort_indices()
+    ui = train_matrix(data, scipy.sparse)
     model = BayesianPersonalizedRanking(factors=factors, num_threads=threads, random_state=np.random.default_rng(0))
     epochs, calls, used, per, attempts, skipped = 0, 0, 0.0, 0.0, 0, 0
     t0 = time.perf_counter()
@@ -440,10 +446,7 @@ def als_on_validation(data, threads: int) -> dict | None:
 
     from uclr_cli import loop
 
-    u, i = data.train_user.numpy(), data.train_item.numpy()
-    ui = scipy.sparse.csr_matrix((np.ones(len(u), dtype=np.float32), (u, i)), shape=(data.n_users, data.n_items))
-    ui.sum_duplicates()
-    ui.data[:] = 1.0
+    ui = train_matrix(data, scipy.sparse)
     best = None
     for factors in (64, 128):
         for reg in (0.01, 0.1, 1.0):

@@ -53,6 +53,17 @@ def table(title: str, rows: dict[str, list], domains: list[str]) -> Table:
     return t
 
 
+def merge_domains(res: list):
+    """One seed's per-domain results as one row: domains side by side, mean score, best epochs joined."""
+    merged = res[0]
+    for r in res[1:]:
+        merged.per_domain.update(r.per_domain)
+        merged.seconds += r.seconds
+    merged.best_score = sum(merged.per_domain.values()) / len(merged.per_domain)
+    merged.best_epoch = "/".join(str(r.best_epoch) for r in res)
+    return merged
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -99,13 +110,7 @@ def main() -> None:
             results = []
             for s in seeds:
                 res = [baseline.run_domain(BaselineConfig(**kw), data, run / f"bl-{name}", s, d) for d in data.domains]
-                merged = res[0]
-                for r in res[1:]:
-                    merged.per_domain.update(r.per_domain)
-                    merged.seconds += r.seconds
-                merged.best_score = sum(merged.per_domain.values()) / len(merged.per_domain)
-                merged.best_epoch = "/".join(str(r.best_epoch) for r in res)
-                results.append(merged)
+                results.append(merge_domains(res))
             rows[name] = results
             log("baseline", name, results)
         console.print(table("Single-domain baselines (valid NDCG@10, %)", rows, data.domains))
@@ -144,13 +149,7 @@ def main() -> None:
             results = []
             for s in seeds:
                 res = [finetune.run_domain(FinetuneConfig(**{**kw, **ft_kw}), data, src, s, d) for d in data.domains]
-                merged = res[0]
-                for r in res[1:]:
-                    merged.per_domain.update(r.per_domain)
-                    merged.seconds += r.seconds
-                merged.best_score = sum(merged.per_domain.values()) / len(merged.per_domain)
-                merged.best_epoch = "/".join(str(r.best_epoch) for r in res)
-                results.append(merged)
+                results.append(merge_domains(res))
             rows[name] = results
             log("finetune", name, results)
         console.print(table("Finetune options (valid NDCG@10, %)", rows, data.domains))

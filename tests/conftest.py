@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,11 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False, env=env)
     finally:
         os.chdir(old)
+
+
+def uclr_process(*args, cwd) -> subprocess.Popen:
+    """`python -m uclr_cli ARGS` in a child process (for real kills); one thread, so that every process
+    adds floats in the same order and runs compare bit for bit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "uclr_cli", *map(str, args)]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -87,9 +87,8 @@ def test_negatives_avoid_the_users_train_items(data):
     u, i, d = data.train_user, data.train_item, data.train_domain
     for kind in ("uniform", "popularity", "mix"):
         j = NegativeSampler(data, torch.device("cpu"), kind)(u, d, gen)
-        seen = set(zip(u.tolist(), i.tolist()))
-        hits = sum((a, b) in seen for a, b in zip(u.tolist(), j.tolist()))
-        assert hits / len(u) < 0.01, kind  # redrawn three rounds: a collision survives only rarely
+        hits = torch.isin(u * data.n_items + j, u * data.n_items + i).double().mean()
+        assert hits < 0.01, kind  # redrawn three rounds: a collision survives only rarely
 
 
 def test_item_bias_keeps_the_user_column_at_one_and_learns_item_biases(data, tmp_path):
@@ -107,11 +106,9 @@ def test_item_bias_keeps_the_user_column_at_one_and_learns_item_biases(data, tmp
 
 
 def test_n_negatives_and_samplers_learn(data, tmp_path):
-    base = pretrain.run_seed(PretrainConfig(**FAST), data, tmp_path / "a", 0)
     for kw in (dict(n_negatives=4), dict(negatives="mix"), dict(optimizer="rowwise-adagrad", lr=0.05)):
         r = pretrain.run_seed(PretrainConfig(**{**FAST, **kw}), data, tmp_path / str(sorted(kw)), 0)
         assert r.best_score > 0.06, kw  # random ranking scores ~0.046
-    assert base.best_score > 0.0
 
 
 def test_lightgcn_encoder_saves_the_propagated_union_graph_tables(data, tmp_path):

@@ -10,17 +10,15 @@ final resume state (weights, optimizer moments, τ, log u, generator) must match
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import uclr_process
 from uclr_cli import checkpoint as ckpt
 from uclr_cli import layout
 from uclr_cli.config import BaselineConfig, ContrastConfig, FinetuneConfig, PretrainConfig
@@ -147,23 +145,17 @@ def test_baseline(data, tmp_path, kind):
     kill_and_resume(train, tmp_path / "ref", tmp_path / "cut", [name, layout.resume_name(name)])
 
 
-def uclr(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every process: the same float sums
-    cmd = [sys.executable, "-m", "uclr_cli", *map(str, args)]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 def test_finetune_sigkill_anywhere_resumes_bit_identical(tiny_data, base_run, tmp_path):
     """A real SIGKILL at an arbitrary point (inside an epoch too), twice, then --resume: as unbroken."""
     args = ["finetune", "--domain", "books", "--rank", "4", "--batch-size", "16", "--epochs", "8"]
     args += ["--patience", "20", "--lr", "0.003", "--data", tiny_data, "--device", "cpu"]
     for name in ("ref", "cut"):
         shutil.copytree(base_run, tmp_path / name)
-    ref = uclr(*args, "--run", tmp_path / "ref", cwd=tmp_path)
+    ref = uclr_process(*args, "--run", tmp_path / "ref", cwd=tmp_path)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
     state = layout.seed_dir(tmp_path / "cut", 0) / layout.resume_name(layout.finetune_name("books"))
     for delay in (0.02, 0.15):
-        p = uclr(*args, "--run", tmp_path / "cut", *(["--resume"] if state.exists() else []), cwd=tmp_path)
+        p = uclr_process(*args, "--run", tmp_path / "cut", *(["--resume"] if state.exists() else []), cwd=tmp_path)
         start_epoch = ckpt.read_header(state)["epoch"] if state.exists() else 0
         deadline = time.time() + 120
         while time.time() < deadline and (not state.exists() or ckpt.read_header(state)["epoch"] <= start_epoch):
@@ -172,7 +164,7 @@ def test_finetune_sigkill_anywhere_resumes_bit_identical(tiny_data, base_run, tm
         p.send_signal(signal.SIGKILL)
         p.wait()
     assert not ckpt.read_header(state)["done"], "the run finished before it could be killed; make it longer"
-    p = uclr(*args, "--run", tmp_path / "cut", "--resume", cwd=tmp_path)
+    p = uclr_process(*args, "--run", tmp_path / "cut", "--resume", cwd=tmp_path)
     assert p.wait(timeout=300) == 0, p.stderr.read()
     name = layout.finetune_name("books")
     for n in (name, layout.resume_name(name)):

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, uclr_process
 from uclr_cli import checkpoint as ckpt
 from uclr_cli import layout, registry
 from uclr_cli import trained as tr
@@ -154,17 +151,6 @@ def test_checkpoint_mismatch_refused(data, trained, tmp_path):
         ckpt.load(bad, stage="pretrain")
 
 
-def _uclr(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "uclr_cli", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
 @pytest.mark.parametrize(
     "stage_args",
     [
@@ -187,11 +173,11 @@ def _uclr(*args, cwd):
 )
 def test_resume_after_sigkill_matches_uninterrupted(tiny_data, tmp_path, stage_args):
     common = [*stage_args, "--data", tiny_data, "--device", "cpu"]
-    ref = _uclr(*common, "--run", tmp_path / "ref", cwd=tmp_path)
+    ref = uclr_process(*common, "--run", tmp_path / "ref", cwd=tmp_path)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
     state = tmp_path / "cut" / "seed-0" / layout.resume_name(layout.PRETRAIN)
     for delay in (0.05, 0.3):  # kill twice, at different points after an epoch checkpoint
-        p = _uclr(*common, "--run", tmp_path / "cut", *(["--resume"] if state.exists() else []), cwd=tmp_path)
+        p = uclr_process(*common, "--run", tmp_path / "cut", *(["--resume"] if state.exists() else []), cwd=tmp_path)
         deadline = time.time() + 120
         start_epoch = ckpt.read_header(state)["epoch"] if state.exists() else 0
         while time.time() < deadline and (not state.exists() or ckpt.read_header(state)["epoch"] <= start_epoch):
@@ -200,7 +186,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_data, tmp_path, stage_a
         p.send_signal(signal.SIGKILL)
         p.wait()
     assert not ckpt.read_header(state)["done"], "the run finished before it could be killed; make it longer"
-    p = _uclr(*common, "--run", tmp_path / "cut", "--resume", cwd=tmp_path)
+    p = uclr_process(*common, "--run", tmp_path / "cut", "--resume", cwd=tmp_path)
     assert p.wait(timeout=300) == 0, p.stderr.read()
     a = load_file(str(tmp_path / "ref" / "seed-0" / layout.PRETRAIN))
     b = load_file(str(tmp_path / "cut" / "seed-0" / layout.PRETRAIN))

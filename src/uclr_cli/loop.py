@@ -151,7 +151,7 @@ class Schedule:
             score, improved = sched.validate(epoch, valid_fn)
             if improved: save the best checkpoint
             done = sched.done(epoch)
-            save_state(...)                       # the resume state
+            out.save_state(...)                   # the resume state (out: Outputs)
             if done: break
 
     ``best_score`` starts at -inf; a stage whose epoch 0 counts (finetune: the
