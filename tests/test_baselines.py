@@ -344,15 +344,26 @@ def test_config_defaults_and_model_options():
         1e-5,
         100,
         10,
-        4,
+        "uniform",
         3,
     )
+    assert [c.negatives_per_positive(k) for k in ("neumf", "gmf", "mlp", "bprmf", "lightgcn")] == [4, 4, 4, 1, 1]
+    assert BaselineConfig(n_negatives=3).negatives_per_positive("neumf") == 3
+    assert BaselineConfig(reg=0.1, reg_neg=0.0).role_regs() == (0.1, 0.1, 0.0)
+    with pytest.raises(ValidationError, match="negatives is the sampler now"):  # the old NeuMF count
+        BaselineConfig(model="neumf", negatives=4)
+    with pytest.raises(ValidationError, match="pop_share applies to --negatives mix"):
+        BaselineConfig(pop_share=0.2)
+    for key, value in (("item_bias", True), ("optimizer", "rowwise-sgd"), ("reg_user", 0.1)):
+        with pytest.raises(ValidationError, match=f"{key} applies to bprmf"):
+            BaselineConfig(model="neumf", **{key: value})
     with pytest.raises(ValidationError, match="learning_rate"):
         BaselineConfig(learning_rate=0.1)
     with pytest.raises(ValidationError, match="layers applies to lightgcn"):
         BaselineConfig(model="bprmf", layers=2)
     # what a checkpoint records: the options that model reads
-    assert "layers" not in bl.model_config(c, "bprmf") and "negatives" in bl.model_config(c, "gmf")
+    assert "layers" not in bl.model_config(c, "bprmf") and bl.model_config(c, "gmf")["n_negatives"] == 4
+    assert "item_bias" in bl.model_config(c, "bprmf") and "item_bias" not in bl.model_config(c, "lightgcn")
     assert bl.model_config(BaselineConfig(model="lightgcn"), "lightgcn")["layers"] == 3
 
 
@@ -398,7 +409,7 @@ def cli_run(tiny_data, tmp_path_factory):
         "--device",
         "cpu",
     ]
-    r = run_cli("baseline", "neumf", *common, "--negatives", "2", "--mlp-layers", "16,8", "--lr", "0.01")
+    r = run_cli("baseline", "neumf", *common, "--n-negatives", "2", "--mlp-layers", "16,8", "--lr", "0.01")
     assert r.exit_code == 0, r.output
     assert "baseline-neumf: best validation NDCG@10" in r.stdout
     for name, extra in (("bprmf", []), ("lightgcn", ["--layers", "2"])):
@@ -413,7 +424,7 @@ def test_cli_writes_checkpoints_and_config(cli_run):
         assert (sd / layout.baseline_name(name, DOMAIN)).is_file()
         assert not (sd / layout.baseline_name(name, "books")).exists()
     resolved = json.loads((cli_run / "config.json").read_text())
-    assert resolved["baseline-neumf"]["negatives"] == 2 and resolved["baseline-neumf"]["mlp_layers"] == [16, 8]
+    assert resolved["baseline-neumf"]["n_negatives"] == 2 and resolved["baseline-neumf"]["mlp_layers"] == [16, 8]
     assert resolved["baseline-lightgcn"]["layers"] == 2
 
 
@@ -422,7 +433,8 @@ def test_cli_writes_checkpoints_and_config(cli_run):
     [
         (["baseline", "svd"], 1, "unknown baseline 'svd'; choose one of bprmf, neumf, lightgcn"),
         (["baseline", "bprmf", "--layers", "2"], 1, "layers applies to lightgcn only, not bprmf (--layers)"),
-        (["baseline", "lightgcn", "--negatives", "3"], 1, "(--negatives)"),
+        (["baseline", "lightgcn", "--item-bias"], 1, "item_bias applies to bprmf only, not lightgcn (--item-bias)"),
+        (["baseline", "bprmf", "--negatives", "3"], 1, "'uniform', 'popularity' or 'mix': negatives (--negatives)"),
         (["baseline", "neumf", "--mlp-layers", "8,0"], 1, "(--mlp-layers)"),
         (["baseline", "neumf", "--domain", "games", "--epochs", "1"], 1, "unknown domain 'games'"),
         (["baseline"], 2, "NAME"),
@@ -469,3 +481,74 @@ def test_evaluate_shows_baselines_in_table_2_order(tiny_data, data, cli_run):
     with pytest.raises(ConfigError, match="known: BPRMF, NeuMF, LightGCN, PGE"):
         ev.run(data, cli_run, variants=["SVD"])
     assert not math.isnan(only.report.rows[0].mean)
+
+
+# --------------------------------------------------------------------------- PGE's options on the baselines (issue 11)
+
+
+@pytest.mark.parametrize(
+    "optimizer, lr", [("rowwise-adam", 0.05), ("rowwise-rmsprop", 0.05), ("rowwise-adagrad", 0.5), ("rowwise-sgd", 5.0)]
+)
+def test_bprmf_every_optimizer_solves_two_groups(optimizer, lr, tmp_path):
+    hand = two_groups()
+    cfg = config("bprmf", batch_size=32, epochs=30, patience=30, lr=lr, optimizer=optimizer, item_bias=True)
+    res = bl.run_domain(cfg, hand, tmp_path, 0, "b")
+    assert res.best_score >= 0.95, (optimizer, res.best_score)
+
+
+def test_bprmf_item_bias_is_a_fixed_user_column_and_learns_popularity(data, tmp_path):
+    cfg = config("bprmf", item_bias=True, reg=0.01, epochs=6, patience=6)
+    bl.run_domain(cfg, data, tmp_path, 0, DOMAIN)
+    model = tr.load_baseline(tmp_path / "seed-0", "bprmf", data, DOMAIN, CPU)
+    users, items = model.tables()
+    assert users.shape[1] == items.shape[1] == 17  # dim + the bias column
+    assert torch.equal(users[:, -1], torch.ones(data.n_users))  # never trained, never decayed
+    d = data.domain_index(DOMAIN)
+    lo = data.item_offsets[d]
+    sel = data.train_domain == d
+    counts = torch.bincount(data.train_item[sel] - lo, minlength=items.shape[0]).float()
+    bias = items[:, -1]
+    corr = torch.corrcoef(torch.stack([bias, counts]))[0, 1]
+    assert corr > 0.5, float(corr)  # uniform negatives: the positives' bias rises, so bias follows popularity
+
+
+def test_sampler_and_negative_count_reach_the_bprmf_step(data, tmp_path, monkeypatch):
+    seen, sizes = [], []
+    real_sampler, real_step = bl.NegativeSampler, bl.BPRRowStep.step
+
+    def sampler(*a, **k):
+        seen.append(a[2:])
+        return real_sampler(*a, **k)
+
+    def step(self, u, i, j):
+        sizes.append((len(u), int(j.min()), int(j.max())))
+        return real_step(self, u, i, j)
+
+    monkeypatch.setattr(bl, "NegativeSampler", sampler)
+    monkeypatch.setattr(bl.BPRRowStep, "step", step)
+    cfg = config("bprmf", batch_size=64, epochs=1, negatives="mix", pop_share=0.25, n_negatives=3)
+    bl.run_domain(cfg, data, tmp_path, 0, DOMAIN)
+    d = data.domain_index(DOMAIN)
+    n_items = data.item_offsets[d + 1] - data.item_offsets[d]
+    assert seen == [("mix", 0.25)]
+    assert sizes[0][0] == 3 * 64 and sum(s for s, _, _ in sizes) == 3 * int((data.train_domain == d).sum())
+    assert all(0 <= lo_ and hi_ < n_items for _, lo_, hi_ in sizes)  # local ids of the domain
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_uniform_init_has_the_asked_std_and_bound(data, name):
+    conf = bl.model_config(config(name, init="uniform", init_std=0.2), name)
+    model = tr.build_baseline(name, conf, data, data.domain_index(DOMAIN), CPU, torch.Generator().manual_seed(0))
+    tables = [v for k, v in model.tensors().items() if k.endswith(("user_emb", "user"))]  # neumf: gmf_/mlp_user
+    assert tables
+    for table in tables:
+        assert table.abs().max() <= 0.2 * math.sqrt(3) + 1e-6
+        assert abs(float(table.std()) - 0.2) < 0.01
+
+
+def test_checkpoint_written_before_the_options_still_loads(data, trained, tmp_path):
+    """A bprmf checkpoint whose recorded config lacks init/item_bias (older uclr) loads as normal, no bias."""
+    run, _ = trained["bprmf"]
+    conf = {k: v for k, v in bl.model_config(config("bprmf"), "bprmf").items() if k not in ("init", "item_bias")}
+    model = tr.build_baseline("bprmf", conf, data, data.domain_index(DOMAIN), CPU)
+    assert model.tables()[0].shape[1] == FAST["bprmf"]["dim"] and not model.item_bias

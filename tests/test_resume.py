@@ -132,10 +132,21 @@ def test_finetune_every_train_option(data, base_run, tmp_path, train_ae, train_t
     kill_and_resume(train, runs["ref"], runs["cut"], [name, layout.resume_name(name)])
 
 
-@pytest.mark.parametrize("kind", ["bprmf", "neumf", "lightgcn"])
-def test_baseline(data, tmp_path, kind):
-    extra = {"layers": 2} if kind == "lightgcn" else {"negatives": 2} if kind == "neumf" else {}
-    cfg = BaselineConfig(model=kind, dim=16, batch_size=256, lr=0.01, epochs=3, patience=10, device="cpu", **extra)
+BASELINE_CASES = {
+    "bprmf": {},
+    "bprmf-bias-rmsprop-pop": dict(item_bias=True, optimizer="rowwise-rmsprop", negatives="popularity"),
+    "bprmf-adagrad-mix-2": dict(optimizer="rowwise-adagrad", negatives="mix", n_negatives=2, reg_neg=0.1),
+    "bprmf-sgd-uniform-init": dict(optimizer="rowwise-sgd", init="uniform", reg_user=0.0),
+    "neumf": dict(n_negatives=2, negatives="popularity"),
+    "lightgcn": dict(layers=2, n_negatives=2, reg_pos=0.01),
+}
+
+
+@pytest.mark.parametrize("case", list(BASELINE_CASES))
+def test_baseline(data, tmp_path, case):
+    kind = case.split("-")[0]
+    base = dict(dim=16, batch_size=256, lr=0.01, epochs=3, patience=10, device="cpu")
+    cfg = BaselineConfig(model=kind, **base, **BASELINE_CASES[case])
     dom = data.domains[1]
 
     def train(run, progress, resume):

@@ -358,11 +358,17 @@ class FinetuneConfig(TrainConfig):
 
 #: Options that only some baselines read; setting one for another model is an error, not ignored.
 BASELINE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "negatives": ("neumf",),
+    "reg_user": ("bprmf", "lightgcn"),
+    "reg_pos": ("bprmf", "lightgcn"),
+    "reg_neg": ("bprmf", "lightgcn"),
+    "item_bias": ("bprmf",),
+    "optimizer": ("bprmf",),
     "mlp_layers": ("neumf",),
     "pretrain_towers": ("neumf",),
     "layers": ("lightgcn",),
 }
+#: the row-wise optimizers (a fused BPR step on the touched rows, optim.BPRRowStep) by option value
+ROWWISE = {"rowwise-adam": "adam", "rowwise-rmsprop": "rmsprop", "rowwise-adagrad": "adagrad", "rowwise-sgd": "sgd"}
 
 
 class BaselineConfig(TrainConfig):
@@ -372,9 +378,36 @@ class BaselineConfig(TrainConfig):
     domain: str = Field("all", description="A domain name, or all.")
     dim: StrictInt = Field(128, ge=1, description="Embedding size m.")
     reg: StrictFloat = Field(1e-5, ge=0, description="L2 weight on the embedding rows of a batch.")
-    init_std: StrictFloat = Field(0.1, gt=0, description="Std of the normal initial embeddings.")
+    # The options PGE has, where they apply (issue 11: the same care for the baselines as for our model).
+    reg_user: StrictFloat | None = Field(None, ge=0, description="bprmf, lightgcn: L2 on the user rows (default: reg).")
+    reg_pos: StrictFloat | None = Field(
+        None, ge=0, description="bprmf, lightgcn: L2 on the positive rows (default: reg)."
+    )
+    reg_neg: StrictFloat | None = Field(
+        None, ge=0, description="bprmf, lightgcn: L2 on the negative rows (default: reg)."
+    )
+    item_bias: StrictBool = Field(
+        False,
+        description="bprmf: an item bias column (1 in every user row), as PGE's.",
+        json_schema_extra={"flag": "--item-bias/--no-item-bias"},
+    )
+    optimizer: Literal["rowwise-adam", "rowwise-rmsprop", "rowwise-adagrad", "rowwise-sgd"] = Field(
+        "rowwise-adam",
+        description="bprmf: rowwise-adam | rowwise-rmsprop | rowwise-adagrad | rowwise-sgd (on the touched rows).",
+    )
+    negatives: Literal["uniform", "popularity", "mix"] = Field(
+        "uniform",
+        description="Negatives from the domain: uniform | popularity (by train counts) | mix (see --pop-share).",
+    )
+    pop_share: StrictFloat = Field(0.5, ge=0, le=1, description="mix: share of popularity-drawn negatives.")
+    n_negatives: StrictInt | None = Field(
+        None, ge=1, le=1000, description="Negatives per positive (default: 4 for neumf, 1 for bprmf and lightgcn)."
+    )
+    init: Literal["normal", "uniform"] = Field(
+        "normal", description="Initial embeddings: normal | uniform, both with std --init-std."
+    )
+    init_std: StrictFloat = Field(0.1, gt=0, description="Std of the initial embeddings.")
     # NeuMF (He et al., 2017)
-    negatives: StrictInt = Field(4, ge=1, le=1000, description="neumf: sampled negatives per positive.")
     mlp_layers: list[StrictInt] = Field(
         default_factory=lambda: [128, 64], min_length=1, description="neumf: MLP layer sizes after the 2m input."
     )
@@ -386,8 +419,30 @@ class BaselineConfig(TrainConfig):
     # LightGCN (He et al., 2020)
     layers: StrictInt = Field(3, ge=0, le=16, description="lightgcn: propagation layers K.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_negatives(cls, v):
+        if isinstance(v, dict) and isinstance(v.get("negatives"), int) and not isinstance(v["negatives"], bool):
+            raise ValueError(
+                "negatives is the sampler now (uniform | popularity | mix); the count per positive is n_negatives"
+            )
+        return v
+
+    def role_regs(self) -> tuple[float, float, float]:
+        """(user, positive, negative) L2 weights."""
+        pick = lambda v: self.reg if v is None else v  # noqa: E731
+        return pick(self.reg_user), pick(self.reg_pos), pick(self.reg_neg)
+
+    def negatives_per_positive(self, kind: str) -> int:
+        """``n_negatives``, or its default for ``kind`` (NeuMF's paper: 4; a BPR pair: 1)."""
+        if self.n_negatives is not None:
+            return self.n_negatives
+        return 4 if kind in ("neumf", "gmf", "mlp") else 1
+
     @model_validator(mode="after")
     def _model_options(self):
+        if "pop_share" in self.model_fields_set and self.negatives != "mix":
+            raise ValueError("pop_share applies to --negatives mix only")
         if any(h < 1 for h in self.mlp_layers):
             raise ValueError("mlp_layers sizes must be >= 1")
         for key, owners in BASELINE_OPTIONS.items():

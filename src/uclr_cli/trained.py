@@ -146,12 +146,13 @@ def build_baseline(
     shape = (data.n_users, hi - lo, lo, conf["dim"])
     if gen is None:
         gen = torch.Generator().manual_seed(0)
+    init = dict(init_std=conf["init_std"], gen=gen, init=conf.get("init", "normal"))  # older checkpoints: normal
     if kind == "bprmf":
-        model = BPRMF(*shape, init_std=conf["init_std"], gen=gen)
+        model = BPRMF(*shape, item_bias=conf.get("item_bias", False), **init)
     elif kind in ("neumf", "gmf", "mlp"):
-        model = NeuMF(*shape, conf.get("mlp_layers", [1]), kind=kind, init_std=conf["init_std"], gen=gen)
+        model = NeuMF(*shape, conf.get("mlp_layers", [1]), kind=kind, **init)
     elif kind == "lightgcn":
-        model = LightGCN(*shape, conf["layers"], domain_graph(data, d, device), init_std=conf["init_std"], gen=gen)
+        model = LightGCN(*shape, conf["layers"], domain_graph(data, d, device), **init)
     else:
         raise ValueError(f"unknown baseline {kind!r}")
     return model.to(device)

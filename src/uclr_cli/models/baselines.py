@@ -15,6 +15,7 @@ Two ways to score, both ``(users (R,), items (R, C) global) -> scores (R, C)``:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -77,7 +78,12 @@ class SingleDomainModel(nn.Module):
                 v.copy_(t[k])
 
 
-def _normal(n: int, dim: int, std: float, gen: torch.Generator | None) -> Tensor:
+def _normal(n: int, dim: int, std: float, gen: torch.Generator | None, init: str = "normal") -> Tensor:
+    """An (n, dim) table with std ``std``: normal, or uniform(-a, a) with a = std·√3."""
+    if init == "uniform":
+        return (torch.rand(n, dim, generator=gen) * 2 - 1) * (std * math.sqrt(3.0))
+    if init != "normal":
+        raise ValueError(f"unknown init {init!r}")
     return torch.randn(n, dim, generator=gen) * std
 
 
@@ -85,15 +91,32 @@ class BPRMF(SingleDomainModel):
     """Matrix factorisation trained with BPR (Rendle et al., 2009) on one domain.
 
     Users and items live in one table ``emb`` (users first), the layout the
-    fused row-wise Adam step (:class:`uclr_cli.optim.BPRRowStep`) updates in place.
+    fused row-wise step (:class:`uclr_cli.optim.BPRRowStep`) updates in place.
+    With ``item_bias`` the table has one more column: 1 in every user row and
+    a learned bias in every item row (PGE's), so a score stays a dot product.
     """
 
     kind = "bprmf"
 
-    def __init__(self, n_users: int, n_items: int, item_offset: int, dim: int, init_std: float = 0.1, gen=None):
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        item_offset: int,
+        dim: int,
+        init_std: float = 0.1,
+        gen=None,
+        *,
+        item_bias: bool = False,
+        init: str = "normal",
+    ):
         super().__init__(n_users, n_items, item_offset)
-        users = _normal(n_users, dim, init_std, gen)
-        items = _normal(n_items, dim, init_std, gen)
+        users = _normal(n_users, dim, init_std, gen, init)
+        items = _normal(n_items, dim, init_std, gen, init)
+        if item_bias:
+            users = torch.cat([users, torch.ones(n_users, 1)], 1)
+            items = torch.cat([items, torch.zeros(n_items, 1)], 1)
+        self.item_bias = item_bias
         self.emb = nn.Parameter(torch.cat([users, items]), requires_grad=False)
 
     @property
@@ -132,6 +155,8 @@ class NeuMF(SingleDomainModel):
         kind: str = "neumf",
         init_std: float = 0.1,
         gen=None,
+        *,
+        init: str = "normal",
     ):
         super().__init__(n_users, n_items, item_offset)
         if kind not in ("neumf", "gmf", "mlp"):
@@ -140,15 +165,15 @@ class NeuMF(SingleDomainModel):
         self.has_gmf, self.has_mlp = kind in ("neumf", "gmf"), kind in ("neumf", "mlp")
         width = 0
         if self.has_gmf:
-            self.gmf_user = nn.Parameter(_normal(n_users, dim, init_std, gen))
-            self.gmf_item = nn.Parameter(_normal(n_items, dim, init_std, gen))
+            self.gmf_user = nn.Parameter(_normal(n_users, dim, init_std, gen, init))
+            self.gmf_item = nn.Parameter(_normal(n_items, dim, init_std, gen, init))
             width += dim
         with torch.random.fork_rng(devices=[]):  # nn.Linear draws from the global RNG; we re-initialise below
             sizes = [2 * dim, *mlp_layers] if self.has_mlp else []
             self.mlp = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
             if self.has_mlp:
-                self.mlp_user = nn.Parameter(_normal(n_users, dim, init_std, gen))
-                self.mlp_item = nn.Parameter(_normal(n_items, dim, init_std, gen))
+                self.mlp_user = nn.Parameter(_normal(n_users, dim, init_std, gen, init))
+                self.mlp_item = nn.Parameter(_normal(n_items, dim, init_std, gen, init))
                 width += mlp_layers[-1]
             self.out = nn.Linear(width, 1)
         for lin in [*self.mlp, self.out]:
@@ -279,13 +304,15 @@ class LightGCN(SingleDomainModel):
         graph: Tensor,
         init_std: float = 0.1,
         gen=None,
+        *,
+        init: str = "normal",
     ):
         super().__init__(n_users, n_items, item_offset)
         if tuple(graph.shape) != (n_users + n_items, n_users + n_items):
             raise ValueError(f"graph is {tuple(graph.shape)}, expected {(n_users + n_items,) * 2}")
         self.layers, self.graph = layers, graph
-        self.user_emb = nn.Parameter(_normal(n_users, dim, init_std, gen))
-        self.item_emb = nn.Parameter(_normal(n_items, dim, init_std, gen))
+        self.user_emb = nn.Parameter(_normal(n_users, dim, init_std, gen, init))
+        self.item_emb = nn.Parameter(_normal(n_items, dim, init_std, gen, init))
 
     def propagate(self) -> tuple[Tensor, Tensor]:
         """Final user and item embeddings: mean of the K+1 layer outputs (differentiable)."""

@@ -1,7 +1,7 @@
 """Single-domain baselines of the paper's Table 2, trained on one domain's train interactions.
 
-* ``bprmf``: BPR-MF (a single-domain model, not the global PGE), row-wise Adam
-  as PGE's default;
+* ``bprmf``: BPR-MF (a single-domain model, not the global PGE) with PGE's
+  options: item bias, L2 per role, a row-wise optimizer;
 * ``neumf``: NeuMF, binary log loss on each positive and ``negatives`` sampled
   negatives; with ``pretrain_towers`` GMF and MLP are trained alone first
   (their own checkpoints ``baseline-gmf-<d>``/``baseline-mlp-<d>``) and NeuMF
@@ -10,8 +10,9 @@
 * ``lightgcn``: LightGCN, BPR on the propagated embeddings + L2 on the batch's
   ego embeddings, Adam.
 
-Negatives come from domain d (collisions with the user's train items
-redrawn), as in PGE. The rules are those of the other stages: checkpoint
+Negatives come from domain d (uniform, by popularity or a mix; collisions
+with the user's train items redrawn), ``n_negatives`` per positive, as in PGE.
+The rules are those of the other stages: checkpoint
 ``seed-<s>/baseline-<name>-<domain>.safetensors`` (best epoch on the domain's
 validation NDCG@10), per-epoch resume state with optimizer and generator,
 early stopping, refusal of another stage, dataset or shape on load.
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from uclr_cli import layout, loop
-from uclr_cli.config import BASELINE_OPTIONS, BaselineConfig
+from uclr_cli.config import BASELINE_OPTIONS, ROWWISE, BaselineConfig
 from uclr_cli.data.dataset import Dataset, sha256_file
 from uclr_cli.errors import CheckpointError
 from uclr_cli.models.baselines import NeuMF, SingleDomainModel
@@ -38,12 +39,13 @@ TOWERS = ("gmf", "mlp")
 #: weight of the GMF tower in the output layer of a NeuMF started from its towers (He et al., 2017)
 ALPHA = 0.5
 #: model-specific options each kind reads (the rest of BaselineConfig is shared)
+_ROLE_REGS = ("reg_user", "reg_pos", "reg_neg")
 _OWN = {
-    "bprmf": (),
-    "lightgcn": ("layers",),
-    "neumf": ("negatives", "mlp_layers", "pretrain_towers"),
-    "gmf": ("negatives",),
-    "mlp": ("negatives", "mlp_layers"),
+    "bprmf": (*_ROLE_REGS, "item_bias", "optimizer"),
+    "lightgcn": (*_ROLE_REGS, "layers"),
+    "neumf": ("mlp_layers", "pretrain_towers"),
+    "gmf": (),
+    "mlp": ("mlp_layers",),
 }
 _KINDS = tuple(_OWN)
 
@@ -55,13 +57,13 @@ def stage_name(kind: str) -> str:
 def model_config(cfg: BaselineConfig, kind: str) -> dict:
     """The part of ``cfg`` that ``kind`` reads: what its checkpoints record and what resume checks."""
     skip = {"data", "run", "seeds", "domain", "model", *(set(BASELINE_OPTIONS) - set(_OWN[kind]))}
-    return {"model": kind, **cfg.model_dump(mode="json", exclude=skip)}
+    return {"model": kind, **cfg.model_dump(mode="json", exclude=skip), "n_negatives": cfg.negatives_per_positive(kind)}
 
 
 class _Optimizers:
     """The optimizers of one kind, saved and restored as named tensors.
 
-    BPRMF: the fused row-wise Adam BPR step. NeuMF and towers: row-wise Adam
+    BPRMF: the fused row-wise BPR step (``optimizer``). NeuMF and towers: row-wise Adam
     on the embedding tables (sparse gradients) + Adam on the layers.
     LightGCN: Adam on the ego tables (propagation touches every row).
     """
@@ -69,7 +71,11 @@ class _Optimizers:
     def __init__(self, kind: str, model: SingleDomainModel, cfg: BaselineConfig):
         self.kind, self.row, self.dense, self.names, self.tables = kind, None, None, [], {}
         if kind == "bprmf":
-            self.row = BPRRowStep(model.emb.data, model.n_users, lr=cfg.lr, reg=cfg.reg, kind="adam")
+            kind_ = ROWWISE[cfg.optimizer]
+            regs = cfg.role_regs()
+            self.row = BPRRowStep(
+                model.emb.data, model.n_users, cfg.lr, regs, kind=kind_, fixed_last_user_col=cfg.item_bias
+            )
         elif kind == "lightgcn":
             self.names = ["user_emb", "item_emb"]
             self.dense = torch.optim.Adam([model.user_emb, model.item_emb], lr=cfg.lr)
@@ -176,9 +182,9 @@ def run_domain(
 
     sel = data.train_domain == d
     tu, ti = data.train_user[sel].to(device), data.train_item[sel].to(device)
-    td = torch.full_like(tu, d)
-    sampler = NegativeSampler(data, device)
-    n_neg = cfg.negatives if kind in ("neumf", "gmf", "mlp") else 1
+    td = torch.full_like(tu, d)  # NeuMF's negatives
+    sampler = NegativeSampler(data, device, cfg.negatives, cfg.pop_share)
+    n_neg = cfg.negatives_per_positive(kind)
     n = len(tu)
     for epoch in sched.epochs_to_run():
         t0 = loop.Timer()
@@ -188,12 +194,14 @@ def run_domain(
         for s in range(0, n, cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
             u, i = tu[idx], ti[idx]
+            if kind in ("bprmf", "lightgcn") and n_neg > 1:  # one BPR pair per negative
+                u, i = u.repeat_interleave(n_neg), i.repeat_interleave(n_neg)
             if kind == "bprmf":
-                j = sampler(u, td[idx], gen)
+                j = sampler(u, torch.full_like(u, d), gen)
                 loss = opt.row.step(u, i - lo, j - lo)
             elif kind == "lightgcn":
-                j = sampler(u, td[idx], gen)
-                loss = model.objective(u, i - lo, j - lo, cfg.reg)
+                j = sampler(u, torch.full_like(u, d), gen)
+                loss = model.objective(u, i - lo, j - lo, cfg.role_regs())
                 loss.backward()
                 opt.step()
             else:  # NeuMF and its towers: log loss on the positive and `n_neg` negatives of each row

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from uclr_cli import layout, loop
-from uclr_cli.config import PretrainConfig
+from uclr_cli.config import ROWWISE, PretrainConfig
 from uclr_cli.data.dataset import Dataset
 from uclr_cli.losses import bpr_objective
 from uclr_cli.models.baselines import LightGCN, normalized_graph
@@ -28,8 +28,6 @@ from uclr_cli.optim import BPRRowStep, load_torch_optimizer_tensors, torch_optim
 from uclr_cli.sampling import NegativeSampler
 
 STAGE = "pretrain"
-#: the row-wise optimizers: a fused BPR step on the touched rows (optim.BPRRowStep)
-ROWWISE = {"rowwise-adam": "adam", "rowwise-rmsprop": "rmsprop", "rowwise-adagrad": "adagrad", "rowwise-sgd": "sgd"}
 
 
 def init_tables(data: Dataset, cfg: PretrainConfig, seed: int, device: torch.device):
