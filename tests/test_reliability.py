@@ -273,6 +273,38 @@ def test_checkpoint_of_other_dimension_refused(tiny_data, base_run, foreign, tmp
     one_line_error(r, "other config (dim differ)", layout.resume_name(layout.PRETRAIN))
 
 
+def _resave(path: Path, stage: str, edit) -> None:
+    """Rewrite a checkpoint with ``edit(tensors)`` applied, metadata and digest kept valid."""
+    t, meta = ckpt.load(path, stage=stage)
+    meta = {k: v for k, v in meta.items() if k not in ("format_version", "package_version", ckpt.DIGEST)}
+    ckpt.save(path, edit(dict(t)), meta)
+
+
+@pytest.mark.parametrize(
+    "name, stage, key",
+    [
+        ("finetune-music.safetensors", "finetune", "lora_a"),
+        ("finetune-music.safetensors", "finetune", "lora_b"),
+        (layout.CONTRAST["individual"], "contrast", "ae.encoder.0.weight"),
+    ],
+)
+def test_checkpoint_with_misshapen_tensor_refused_one_line(tiny_data, base_run, tmp_path, name, stage, key):
+    """A valid file whose tensor has the wrong shape (or is missing): one line naming it, no traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    target = run / "seed-0" / name
+    t, _ = ckpt.load(target, stage=stage)
+    assert key in t, sorted(t)
+    _resave(target, stage, lambda t: {**t, key: torch.zeros(t[key].shape[0] + 1, *t[key].shape[1:])})
+    one_line_error(
+        run_cli("evaluate", "--device", "cpu", "--data", tiny_data, "--run", run), key.removeprefix("ae."), str(target)
+    )
+    _resave(target, stage, lambda t: {k: v for k, v in t.items() if k != key})
+    one_line_error(
+        run_cli("evaluate", "--device", "cpu", "--data", tiny_data, "--run", run), key.removeprefix("ae."), str(target)
+    )
+
+
 # --------------------------------------------------------------------------- 1. non-finite loss
 
 

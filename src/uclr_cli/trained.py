@@ -47,7 +47,10 @@ def load_contrast(path: Path, data: Dataset, pre_sha: str, device):
     t, meta = ckpt.load(path, stage="contrast", fingerprint=data.fingerprint, expect={"pretrain_sha256": pre_sha})
     ccfg = ContrastConfig(**meta["config"])
     ae = AutoEncoder(meta["dim"], meta["hidden"]).to(device)
-    load_ae(ae, t)
+    try:
+        load_ae(ae, t)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint does not match its model ({e})", path) from None
     temps = TemperatureState(data.n_users, ccfg, device)
     temps.load(t)
     return ae, temps, ccfg, meta
@@ -62,21 +65,32 @@ def load_finetuned(seed_dir: Path, data: Dataset, domain: str, device) -> tuple[
     users_e = learned_columns(users_e, fixed)
     pre_sha, con_sha = sha256_file(pre_path), sha256_file(con_path)
     ae, _, _, _ = load_contrast(con_path, data, pre_sha, device)
+    path = seed_dir / layout.finetune_name(domain)
     t, meta = ckpt.load(
-        seed_dir / layout.finetune_name(domain),
-        stage="finetune",
-        fingerprint=data.fingerprint,
-        expect={"contrast_sha256": con_sha, "domain": domain},
+        path, stage="finetune", fingerprint=data.fingerprint, expect={"contrast_sha256": con_sha, "domain": domain}
     )
-    lora = LoRAEmbedding(users_e, meta["rank"], meta["config"]["lora_alpha"] or float(meta["rank"])).to(device)
+    lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
+    try:
+        rank = int(meta["rank"])
+        lora = LoRAEmbedding(users_e, rank, meta["config"]["lora_alpha"] or float(rank)).to(device)
+        want = {"lora_a": lora.lora_a.shape, "lora_b": lora.lora_b.shape}
+        if "domain_items" in t:
+            want["domain_items"] = (hi - lo, items_e.shape[1])
+        for k, shape in want.items():
+            if tuple(t[k].shape) != tuple(shape):
+                raise ValueError(f"{k} has shape {tuple(t[k].shape)}, expected {tuple(shape)}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint does not match its model ({e})", path) from None
     with torch.no_grad():
         lora.lora_a.copy_(t["lora_a"])
         lora.lora_b.copy_(t["lora_b"])
     if any(k.startswith("ae.") for k in t):
-        load_ae(ae, t)
+        try:
+            load_ae(ae, t)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint does not match its model ({e})", path) from None
     items = items_e.to(device).clone()
     if "domain_items" in t:
-        lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
         items[lo:hi] = t["domain_items"].to(device)
     with torch.no_grad():
         return with_fixed_column(ae(lora.weight()), fixed), items

@@ -62,8 +62,11 @@ def ae_tensors(ae: AutoEncoder) -> dict[str, torch.Tensor]:
 
 
 def load_ae(ae: AutoEncoder, t: dict[str, torch.Tensor]) -> None:
-    """Load the ``ae.*`` tensors of a checkpoint into ``ae``."""
-    ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
+    """Load the ``ae.*`` tensors of a checkpoint into ``ae``; a missing, extra or misshapen one: ValueError."""
+    try:
+        ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
+    except RuntimeError as e:  # torch's message lists every mismatch over several lines: keep the first
+        raise ValueError(str(e).strip().splitlines()[-1].strip()) from None
 
 
 def learned_columns(users: torch.Tensor, fixed_last: bool) -> torch.Tensor:
