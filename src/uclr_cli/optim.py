@@ -131,35 +131,52 @@ class BPRRowStep:
         self.t = 0
 
     @torch.no_grad()
-    def step(self, u: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """One step on a batch of (user, positive, negative) rows; returns the batch loss."""
+    def step(self, u: torch.Tensor, i: torch.Tensor, j: torch.Tensor, part=None, reduce=None) -> torch.Tensor:
+        """One step on a batch of (user, positive, negative) rows; returns the batch loss.
+
+        Data-parallel (docs/distributed.md): every rank passes the whole global batch, ``part = (lo, hi)``
+        its contiguous share and ``reduce`` an in-place sum over the ranks. The rank computes the gradients
+        of its share only (divided by the global batch size), ``reduce`` sums them per touched row (the
+        rows of the global batch, so the same ``unique`` on every rank, nothing else to exchange), and
+        every rank applies the same update; the returned loss is then this share's part of the batch loss.
+        """
         b, dim = u.shape[0], self.emb.shape[1]
         rows = torch.cat([u, i + self.n_users, j + self.n_users])
-        x = self.emb.index_select(0, rows)
-        eu, ei, ej = x[:b], x[b : 2 * b], x[2 * b :]
+        if part is None:
+            lb, local = b, rows
+        else:
+            lo, hi = part
+            lb, local = hi - lo, torch.cat([u[lo:hi], i[lo:hi] + self.n_users, j[lo:hi] + self.n_users])
+        x = self.emb.index_select(0, local)
+        eu, ei, ej = x[:lb], x[lb : 2 * lb], x[2 * lb :]
         diff = ei - ej
         s = (eu * diff).sum(1)
         # d/ds mean softplus(-s) = -sigmoid(-s)/B ; the L2 term adds 2λ·row/B to every used row
         coef = torch.sigmoid(-s).mul_(-1.0 / b).unsqueeze(1)
         g = torch.empty_like(x)
-        torch.mul(diff, coef, out=g[:b])
-        torch.mul(eu, coef, out=g[b : 2 * b])
-        torch.neg(g[b : 2 * b], out=g[2 * b :])
+        torch.mul(diff, coef, out=g[:lb])
+        torch.mul(eu, coef, out=g[lb : 2 * lb])
+        torch.neg(g[lb : 2 * lb], out=g[2 * lb :])
         ru, rp, rn = self.reg
         if ru == rp == rn:
             if ru:
                 g.add_(x, alpha=2.0 * ru / b)
         else:
-            for part, r in ((slice(0, b), ru), (slice(b, 2 * b), rp), (slice(2 * b, 3 * b), rn)):
+            for role, r in ((slice(0, lb), ru), (slice(lb, 2 * lb), rp), (slice(2 * lb, 3 * lb), rn)):
                 if r:
-                    g[part].add_(x[part], alpha=2.0 * r / b)
+                    g[role].add_(x[role], alpha=2.0 * r / b)
         if self.fixed:
-            g[:b, -1] = 0.0
+            g[:lb, -1] = 0.0
         uniq, inv = torch.unique(rows, return_inverse=True)
+        if part is not None:  # where this rank's rows sit in the global batch
+            inv = torch.cat([inv[lo:hi], inv[b + lo : b + hi], inv[2 * b + lo : 2 * b + hi]])
         grad = torch.zeros(uniq.shape[0], dim, dtype=x.dtype, device=x.device).index_add_(0, inv, g)
+        if reduce is not None:
+            reduce(grad)
         self.t += 1
         self._update(uniq, grad)
-        loss = torch.nn.functional.softplus(-s).mean()
+        loss = torch.nn.functional.softplus(-s)
+        loss = loss.mean() if part is None else loss.sum() / b
         if any(self.reg):
             free = eu[:, :-1] if self.fixed else eu
             if ru == rp == rn and not self.fixed:

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from uclr_cli import distributed
 from uclr_cli.errors import ConfigError, UclrError
 
 
@@ -110,7 +111,11 @@ class UclrGroup(TyperGroup):
             if STATE.verbose:
                 raise
             line = e.one_line().replace("\r", "\\r").replace("\n", "\\n")  # a path may hold a newline
-            print(f"error: {line}", file=sys.stderr)
+            rank = distributed.env_rank()
+            if rank == 0:
+                print(f"error: {line}", file=sys.stderr)
+            elif distributed.JOINED:  # under torchrun: a check before joining failed alike on rank 0, which said it
+                print(f"error: rank {rank}: {line}", file=sys.stderr)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from uclr_cli import checkpoint as ckpt
 from uclr_cli import config as cfgmod
-from uclr_cli import layout, memory
+from uclr_cli import distributed, layout, loop, memory
 from uclr_cli.cli import common, options
 from uclr_cli.data.dataset import MANIFEST, Dataset, load_prepared
 from uclr_cli.errors import ConfigError, DataError, TrainingError, UclrError, os_reason
@@ -106,8 +106,9 @@ def resolve(model: type[cfgmod.StageConfig], flags: dict[str, Any], config_file:
     if isinstance(cfg, cfgmod.FinetuneConfig):
         check_rank(cfg.rank, run_dir, cfg.seeds, where_for("rank"))
     memory.check(cfg, data, run_dir, where_for)  # a config too large for this machine: refused before any work
-    # one writer per run folder, held until the command ends (also on errors and Ctrl-C)
-    common.hold(RunLock(run_dir, f"uclr {model.__name__.removesuffix('Config').lower()}"))
+    # one writer per run folder, held until the command ends (also on errors and Ctrl-C); under torchrun, rank 0
+    if distributed.env_rank() == 0:
+        common.hold(RunLock(run_dir, f"uclr {model.__name__.removesuffix('Config').lower()}"))
     return cfg, data, run_dir
 
 
@@ -158,6 +159,8 @@ def write_config(run_dir: Path, stage: str, cfg: cfgmod.StageConfig, data: Datas
     """
     path = Path(run_dir) / layout.CONFIG
     read_run_config(path)
+    if distributed.env_rank() != 0:  # under torchrun rank 0 records
+        return
     if not _PENDING:
         common.hold(_pending_scope())
     _PENDING.append(
@@ -192,6 +195,18 @@ def _pending_scope():
         yield
     finally:
         _PENDING.clear()
+
+
+def join(cfg: cfgmod.StageConfig, batch_size: int | None = None) -> distributed.World:
+    """Join the process group when launched by ``torchrun`` (held until the command ends): rank 0 prints
+    and writes, the others are quiet. ``batch_size``: the global batch, which every rank needs a share of."""
+    size = distributed.env_world_size()
+    if size > 1 and batch_size is not None:
+        distributed.World(0, size).check_batch(batch_size)
+    world = common.hold(distributed.joined(distributed.device_for(loop.resolve_device(cfg.device))))
+    if not world.main:
+        common.STATE.quiet = True
+    return world
 
 
 class Reporter:

@@ -9,7 +9,9 @@ popularity, or a mix; resampled when it collides with the user's train
 items). With ``item_bias`` the tables get one more column, 1 in every user
 row and a learned bias in every item row, so a score is still a dot product.
 Early stopping on validation NDCG@10 averaged over domains; the best epoch is
-what is saved.
+what is saved. Under ``torchrun`` the loop is data-parallel (``world``,
+:mod:`uclr_cli.distributed`): each rank trains on its share of every global
+batch, the gradients are summed, and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from uclr_cli import layout, loop
+from uclr_cli import distributed, layout, loop
 from uclr_cli.config import ROWWISE, PretrainConfig
 from uclr_cli.data.dataset import Dataset
 from uclr_cli.losses import bpr_objective
@@ -59,9 +61,10 @@ def run_seed(
     *,
     resume: bool = False,
     progress: loop.Progress | None = None,
+    world: distributed.World = distributed.SINGLE,
 ) -> loop.SeedResult:
-    """Train one seed; writes ``seed-<s>/pretrain.safetensors`` (best on valid)."""
-    device = loop.resolve_device(cfg.device)
+    """Train one seed; writes ``seed-<s>/pretrain.safetensors`` (best on valid; rank 0 of ``world`` only)."""
+    device = distributed.device_for(loop.resolve_device(cfg.device))
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
     out = loop.Outputs.of(STAGE, data, run_dir, seed, layout.PRETRAIN, config)
     out.meta = {"dim": cfg.dim, "item_bias": cfg.item_bias}  # dim: the learned columns
@@ -135,8 +138,26 @@ def run_seed(
             u, i, d = tu[idx], ti[idx], td[idx]
             if k > 1:  # one BPR pair per negative
                 u, i, d = u.repeat_interleave(k), i.repeat_interleave(k), d.repeat_interleave(k)
-            j = sampler(u, d, gen)
-            if gcn is not None:
+            j = sampler(u, d, gen)  # for the whole global batch: the same draws on every rank
+            if world.size > 1:  # this rank's share; its loss is its part of the global batch's mean
+                lo, hi = world.part(len(u))
+                share = (hi - lo) / len(u)
+                if rowwise and gcn is None:
+                    loss = opt.step(u, i, j, part=(lo, hi), reduce=world.sum_)
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    if hi > lo:
+                        ul, il, jl = u[lo:hi], i[lo:hi], j[lo:hi]
+                        if gcn is not None:
+                            loss = gcn.objective(ul, il, jl, regs) * share
+                        else:
+                            loss = bpr_objective(users[ul], items[il], items[jl], regs, free) * share
+                        loss.backward()
+                    else:
+                        loss = torch.zeros((), device=device)
+                    world.sum_grads(params)
+                    opt.step()
+            elif gcn is not None:
                 opt.zero_grad(set_to_none=True)
                 loss = gcn.objective(u, i, j, regs)
                 loss.backward()
@@ -149,16 +170,16 @@ def run_seed(
                 loss.backward()
                 opt.step()
             total += loss.detach() * len(idx)
-        epoch_loss = float(total) / max(n, 1)  # a host sync: the epoch's training is done
+        epoch_loss = float(world.sum_(total)) / max(n, 1)  # a host sync: the epoch's training is done
         sched.trained(n, t0.elapsed())
         loop.check_finite(epoch_loss, STAGE, seed, epoch)
 
         with torch.no_grad():
             score, improved = sched.validate(epoch, lambda: loop.valid_scores(data, *tables().values(), data.valid))
-        if improved:
+        if improved and world.main:
             pending_best = ({k_: v.clone() for k_, v in tables().items()}, epoch)
         done = sched.done(epoch)
-        if done or last_save.elapsed() >= cfg.save_every:
+        if world.main and (done or last_save.elapsed() >= cfg.save_every):
             if pending_best is not None:
                 out.save_best(*pending_best, sched.best)
                 pending_best = None
@@ -169,7 +190,7 @@ def run_seed(
         if done:
             break
 
-    if not out.best.is_file():  # zero epochs: save the initial tables
+    if world.main and not out.best.is_file():  # zero epochs: save the initial tables
         with torch.no_grad():
             sched.start_from(loop.valid_scores(data, *tables().values(), data.valid))
         out.save_best(tables(), 0, sched.best)

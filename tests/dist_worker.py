@@ -1,0 +1,77 @@
+"""The ranks of tests/test_distributed.py, spawned by torch.multiprocessing: this module imports only what
+they need (torch and three library modules), so a rank starts in about the time torch takes to import."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from uclr_cli import distributed
+from uclr_cli.losses import bpr_objective
+from uclr_cli.optim import BPRRowStep
+
+N_USERS, N_ITEMS, DIM = 13, 11, 4
+N, BATCH = 17, 8  # batches of 8, 8, 1: the last one leaves rank 1 of 2 without rows
+
+
+def _train(world: distributed.World, kind: str) -> torch.Tensor:
+    """Three epochs of BPR with SGD in float64, the way pretrain splits a batch over the ranks."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(N_USERS + N_ITEMS, DIM, generator=g, dtype=torch.float64) * 0.3
+    tu, ti = torch.randint(N_USERS, (N,), generator=g), torch.randint(N_ITEMS, (N,), generator=g)
+    gen = torch.Generator().manual_seed(1)  # the same draws on every rank
+    reg = (0.01, 0.02, 0.03)
+    if kind == "dense":
+        users, items = emb[:N_USERS].clone().requires_grad_(), emb[N_USERS:].clone().requires_grad_()
+        params = [users, items]  # plain SGD by hand: torch.optim's first step imports for seconds
+    else:
+        opt = BPRRowStep(emb, N_USERS, 0.5, reg, kind=kind, fixed_last_user_col=True)
+    for _ in range(3):
+        perm = torch.randperm(N, generator=gen)
+        for s in range(0, N, BATCH):
+            idx = perm[s : s + BATCH]
+            u, i = tu[idx], ti[idx]
+            j = torch.randint(N_ITEMS, (len(idx),), generator=gen)
+            lo, hi = world.part(len(u))
+            if kind != "dense":
+                if world.size == 1:
+                    opt.step(u, i, j)
+                else:
+                    opt.step(u, i, j, part=(lo, hi), reduce=world.sum_)
+                continue
+            for p in params:
+                p.grad = None
+            if hi > lo:
+                loss = bpr_objective(users[u[lo:hi]], items[i[lo:hi]], items[j[lo:hi]], reg)
+                (loss * ((hi - lo) / len(u)) if world.size > 1 else loss).backward()
+            world.sum_grads(params)
+            with torch.no_grad():
+                for p in params:
+                    p.sub_(p.grad, alpha=0.5)
+    return emb if kind != "dense" else torch.cat([users, items]).detach()
+
+
+KINDS = ("sgd", "rmsprop", "dense")
+
+
+def _worker(rank: int, size: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=30)
+    )
+    world = distributed.World(rank, size)
+    save_file({k: _train(world, k) for k in KINDS}, f"{out}/rank{rank}.safetensors")
+    if rank == 0:  # rank 1 has left: the next collective fails in one line, well before the timeout
+        t0 = time.perf_counter()
+        try:
+            world.sum_(torch.zeros(3))
+            message = "no error"
+        except distributed.TrainingError as e:
+            message = e.one_line()
+        Path(out, "lost.txt").write_text(f"{time.perf_counter() - t0:.1f}\n{message}")
+    else:
+        torch.distributed.destroy_process_group()

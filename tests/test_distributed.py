@@ -1,0 +1,117 @@
+"""Data-parallel training (docs/distributed.md): 2 gloo ranks equal one process.
+
+Library level: two processes spawned with torch.multiprocessing run the row-wise step and the dense autograd
+step in float64 with SGD over batches whose last one is uneven (and one with an empty share), against one
+process. CLI level: a real ``torchrun --nproc-per-node 2 -m uclr_cli pretrain`` on the tiny data against the
+single-process command, and bad input refused. Every launch runs under a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from dist_worker import DIM, KINDS, N_ITEMS, N_USERS, _train, _worker
+from uclr_cli import checkpoint as ckpt
+from uclr_cli import distributed
+
+
+def test_part_is_a_contiguous_split_without_padding():
+    for n in (0, 1, 2, 7, 8, 9):
+        for size in (1, 2, 3):
+            parts = [distributed.World(r, size).part(n) for r in range(size)]
+            assert parts[0][0] == 0 and parts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            sizes = [hi - lo for lo, hi in parts]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_two_ranks_equal_one_process_fp64_sgd(tmp_path):
+    """Rank 0 and 1 end bit-identical; both equal one process up to the order of additions (float64:
+    relative error below 1e-12; a per-rank negative draw or a local mean is off by 1e-3 and more)."""
+    ctx = mp.start_processes(
+        _worker, args=(2, f"file://{tmp_path}/rdzv", str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        assert time.monotonic() < deadline, "the spawned ranks did not finish in 120 s"
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    for kind in KINDS:
+        single = _train(distributed.SINGLE, kind)
+        assert torch.equal(ranks[0][kind], ranks[1][kind]), kind
+        rel = ((ranks[0][kind] - single).norm() / single.norm()).item()
+        assert rel < 1e-12, (kind, rel)
+        start = torch.randn(N_USERS + N_ITEMS, DIM, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        assert (single - start * 0.3).norm() > 0.05 * single.norm(), kind  # training moved the tables
+    seconds, message = (tmp_path / "lost.txt").read_text().split("\n", 1)
+    assert "rank 0: another rank failed or timed out" in message and "\n" not in message
+    assert float(seconds) < 25  # not the 30 s timeout: the closed connection is noticed at once
+
+
+def _torchrun(nproc: int, *args, cwd: Path, timeout: float = 150) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "--", "uclr_cli", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+PRETRAIN = ("--dim", "8", "--epochs", "3", "--batch-size", "100", "--seeds", "0", "--save-every", "0")
+
+
+def test_torchrun_pretrain_equals_one_process(tiny_data, tmp_path):
+    """fp32 under torchrun with 2 ranks: the checkpoint equals the single-process one within 1e-5 (float
+    reordering of the gradient sums, measured ~3e-8); only rank 0 prints and writes."""
+    assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / "one", *PRETRAIN).exit_code == 0
+    r = _torchrun(2, "pretrain", "--data", tiny_data, "--run", tmp_path / "two", *PRETRAIN, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [ln.split(" loss=")[0] for ln in r.stdout.splitlines() if ln.startswith("pretrain seed=")] == [
+        f"pretrain seed=0 epoch={e}/3" for e in (1, 2, 3)
+    ]
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*"))  # noqa: E731
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+    for name in ("pretrain.safetensors", "pretrain.resume.safetensors"):
+        one, two = (load_file(tmp_path / run / "seed-0" / name) for run in ("one", "two"))
+        assert one.keys() == two.keys()
+        for k in one:
+            assert torch.allclose(one[k].double(), two[k].double(), rtol=1e-5, atol=1e-5), (name, k)
+        assert torch.equal(one["rng"], two["rng"]) if "rng" in one else True
+    # the resume state is the whole (replicated) state: the 2-rank run resumes in one process, as the other
+    for run in ("one", "two"):
+        more = ("--epochs", "4", "--resume")
+        assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / run, *PRETRAIN, *more).exit_code == 0
+    one, two = (load_file(tmp_path / run / "seed-0" / "pretrain.resume.safetensors") for run in ("one", "two"))
+    assert ckpt.read_header(tmp_path / "two" / "seed-0" / "pretrain.resume.safetensors")["epoch"] == 4
+    assert all(torch.allclose(one[k].double(), two[k].double(), rtol=1e-5, atol=1e-5) for k in one)
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_batch_smaller_than_the_world_is_refused_before_joining(tiny_data, tmp_path, rank):
+    """As torchrun starts rank 0 and 1 of 3 (the refusal comes before any process group, so no rank waits
+    for another): one line on rank 0, which names the option; the other ranks exit 1 silently."""
+    env = {"WORLD_SIZE": "3", "RANK": rank, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}
+    r = run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / "r", "--batch-size", "2", env=env)
+    assert r.exit_code == 1
+    lines = r.stderr.splitlines()
+    if rank == "0":
+        assert lines == [
+            "error: 2 is smaller than the world size 3 (every rank needs a share of each batch) (--batch-size)"
+        ]
+    else:
+        assert lines == []
+    assert not (tmp_path / "r" / "seed-0").exists()
+
+
+@pytest.mark.parametrize("bad", ["x", "0", "-1"])
+def test_bad_timeout_is_refused(bad, monkeypatch):
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+    with pytest.raises(distributed.ConfigError, match=distributed.TIMEOUT_ENV):
+        distributed.timeout_s()
