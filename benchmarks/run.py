@@ -699,6 +699,33 @@ def bench_scaling(work: Path, quick: bool) -> None:
             )
 
 
+def bench_distributed(work: Path, quick: bool) -> None:
+    """`uclr pretrain` under `torchrun --standalone` at W = 1 and 2 ranks (gloo on CPU, NCCL on a GPU machine):
+    global training samples/s of the last epoch (validation off), each rank on one thread."""
+    import re
+
+    data = amazon_data(work, quick)
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        speed = {}
+        for w in (1, 2):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={w}"]
+            cmd += ["-m", "--", "uclr_cli", "pretrain", "--data", str(data), "--run", str(work / f"dist-w{w}")]
+            cmd += ["--epochs", "2", "--eval-every", "1000", "--save-every", "1000", "--seeds", "0"]
+            _, _, out = child(cmd, work, capture=True)
+            speed[w] = float(re.findall(r" ([\d,]+)/s", out)[-1].replace(",", ""))
+    finally:
+        if env_threads is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = env_threads
+    row("pretrain under torchrun, W=1 (1 thread), samples/s", f"{speed[1]:,.0f}", "reference")
+    row(
+        "pretrain under torchrun, W=2 (1 thread each), samples/s", f"{speed[2]:,.0f}", "", f"{speed[2] / speed[1]:.2f}x"
+    )
+
+
 SECTIONS = {
     "prepare": bench_prepare,
     "pretrain": bench_pretrain,
@@ -710,6 +737,7 @@ SECTIONS = {
     "quality": bench_quality,
     "e2e": bench_e2e,
     "scaling": bench_scaling,
+    "distributed": bench_distributed,
 }
 OPTS = argparse.Namespace(budget=None, e2e_optimizer=None)
 

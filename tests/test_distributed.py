@@ -110,6 +110,18 @@ def test_a_batch_smaller_than_the_world_is_refused_before_joining(tiny_data, tmp
     assert not (tmp_path / "r" / "seed-0").exists()
 
 
+def test_commands_that_are_not_data_parallel_are_refused_under_torchrun(tiny_data, tmp_path):
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    for args in (("contrast",), ("baseline", "bprmf"), ("ablate",)):
+        r = run_cli(*args, "--data", tiny_data, "--run", tmp_path / "r", env=env)
+        assert r.exit_code == 1
+        assert r.stderr.splitlines() == [
+            f"error: uclr {args[0]} runs in one process (only pretrain is data-parallel); launch it without "
+            "torchrun (WORLD_SIZE=2)"
+        ], r.stderr
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("bad", ["x", "0", "-1"])
 def test_bad_timeout_is_refused(bad, monkeypatch):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)

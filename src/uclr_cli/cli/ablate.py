@@ -47,6 +47,7 @@ def ablate(
         raise ConfigError(
             f"rank {cfgs['finetune'].rank} exceeds the pretrain dim {cfgs['pretrain'].dim}: rank must be <= dim", where
         )
+    training.one_process_only("ablate")
     loop.resolve_device(top.device)  # `--device cuda` without one: refused now, not after the training
     ds = training.load_data(top.data, top.run)
     run_dir = Path(top.run) if top.run is not None else Path("runs") / ds.name

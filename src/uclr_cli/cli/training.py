@@ -85,6 +85,8 @@ def load_data(data: Path | None, run: Path | None) -> Dataset:
 
 def resolve(model: type[cfgmod.StageConfig], flags: dict[str, Any], config_file: Path | None, seed: int | None = None):
     """Model defaults < TOML values < flags given on the command line; unknown keys are an error naming the key."""
+    if model is not cfgmod.PretrainConfig:
+        one_process_only(model.__name__.removesuffix("Config").lower())
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(cfgmod.read_toml(config_file))
@@ -195,6 +197,17 @@ def _pending_scope():
         yield
     finally:
         _PENDING.clear()
+
+
+def one_process_only(command: str) -> None:
+    """Under torchrun with several ranks, a command that is not data-parallel is refused (every rank would
+    train the same model and write the same files)."""
+    size = distributed.env_world_size()
+    if size > 1:
+        raise ConfigError(
+            f"uclr {command} runs in one process (only pretrain is data-parallel); launch it without torchrun",
+            f"WORLD_SIZE={size}",
+        )
 
 
 def join(cfg: cfgmod.StageConfig, batch_size: int | None = None) -> distributed.World:
