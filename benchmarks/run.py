@@ -14,7 +14,8 @@ better than absolute times). Sections:
               every item the user did not interact with (train + valid left out), m=128
 * recommend — full-catalogue top-10 of the largest domain (books) for all 26,507 users at the Amazon shape:
               users/s of the top-K itself, and `uclr recommend --users` end to end in a child with its peak RSS
-* baselines — seconds per epoch of BPRMF, NeuMF and LightGCN on domain books at the Amazon shape
+* baselines — seconds per epoch of BPRMF, NeuMF and LightGCN on domain books at the Amazon shape, and of
+              CAT-ART's stages (BPR-MF and ART on books, CAT over all users)
 * quality   — validation NDCG@10 after equal training time (--budget), on the Amazon preset and on Douban
               (../shared/data/douban, when present): our default PGE and the paper's PGE vs `implicit`'s CPU
               BPR (the `bench` extra), implicit's ALS on all domains together (a small grid chosen on
@@ -312,10 +313,33 @@ def bench_baselines(work: Path, quick: bool) -> None:
     d = "books"
     n = int((data.train_domain == data.domain_index(d)).sum())
     for name in registry.BASELINES:
+        if name == "cat-art":
+            continue  # its three stages: bench_cat_art
         speeds = []  # training only (the epoch's validation is not timed); the faster of 2 epochs
         cfg = BaselineConfig(model=name, epochs=2, device="cpu")  # defaults: m=128, batch 2048, 4 negatives, 3 layers
         baseline.run_domain(cfg, data, work / "bench-baselines", 0, d, progress=lambda e: speeds.append(n / e.epoch_s))
         row(f"baseline {name} {d}, s/epoch ({n:,} train rows)", f"{n / max(speeds):.2f} s")
+    bench_cat_art(data, work)
+
+
+def bench_cat_art(data, work: Path) -> None:
+    """CAT-ART's stages at the Amazon shape, defaults (m=128): BPR-MF and ART on books, CAT over all users."""
+    from uclr_cli.config import CatArtConfig
+    from uclr_cli.stages import cat_art
+
+    cfg = CatArtConfig(epochs=2, cat_epochs=2, device="cpu")
+    run = work / "bench-cat-art"
+    d = "books"
+    seconds: dict[str, list[float]] = {}
+    keep = lambda e: seconds.setdefault(e.stage, []).append(e.epoch_s)  # noqa: E731
+    for dom in data.domains:  # CAT needs every domain's stage 1
+        cat_art.run_mf(cfg, data, run, 0, dom, progress=keep)
+    cat_art.run_cat(cfg, data, run, 0, progress=keep)
+    cat_art.run_art(cfg, data, run, 0, d, progress=keep)
+    n = int((data.train_domain == data.domain_index(d)).sum())
+    row(f"baseline cat-art BPR-MF {d}, s/epoch ({n:,} train rows)", f"{min(seconds[f'{cat_art.MF} {d}']):.2f} s")
+    row(f"baseline cat-art CAT, s/epoch ({data.n_users:,} users)", f"{min(seconds[cat_art.CAT]):.2f} s")
+    row(f"baseline cat-art ART {d}, s/epoch ({n:,} train rows)", f"{min(seconds[f'{cat_art.ART} {d}']):.2f} s")
 
 
 # --- quality: time to quality against a peer (issue 5) ---------------------------------------------

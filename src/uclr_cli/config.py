@@ -451,6 +451,28 @@ class BaselineConfig(TrainConfig):
         return self
 
 
+class CatArtConfig(TrainConfig):
+    """CAT-ART (Li et al., WSDM 2023): per-domain BPR-MF, the contrastive autoencoder CAT, then ART per target.
+
+    ``epochs``, ``patience``, ``lr`` and ``batch_size`` are those of stages 1 (BPR-MF) and 3 (ART), both
+    stopped early on the domain's validation NDCG@10; CAT has its own (``cat_*``).
+    """
+
+    domain: str = Field("all", description="Target domain of ART: a domain name, or all.")
+    dim: StrictInt = Field(128, ge=1, description="Embedding size d.")
+    # The original's 1e-4 * 0.5 * (|u|^2 + |i+|^2 + |i-|^2) / B, written as our λ·mean of squared norms
+    reg: StrictFloat = Field(5e-5, ge=0, description="L2 weight on the batch's user and item rows (BPR-MF and ART).")
+    init_std: StrictFloat = Field(0.1, gt=0, description="Std of the initial BPR-MF embeddings.")
+    cat_epochs: StrictInt = Field(100, ge=0, description="CAT: maximum epochs.")
+    cat_patience: StrictInt = Field(10, ge=1, description="CAT: epochs without a lower training loss before stopping.")
+    cat_batch_size: StrictInt = Field(256, ge=2, description="CAT: users per step (the InfoNCE negatives).")
+    cat_lr: StrictFloat = Field(1e-3, gt=0, description="CAT: Adam learning rate.")
+    temperature: StrictFloat = Field(0.1, gt=0, description="CAT: InfoNCE temperature.")
+    cl_weight: StrictFloat = Field(0.2, ge=0, description="CAT: weight of the InfoNCE term.")
+    rec_weight: StrictFloat = Field(0.4, ge=0, description="CAT: weight of each reconstruction term (x and x~).")
+    dropout: StrictFloat = Field(0.1, ge=0, lt=1, description="ART: dropout on the attention weights.")
+
+
 def _non_empty_path(p: Path | None, key: str) -> None:
     if p is not None and str(p).strip() in ("", "."):
         raise ValueError(f"{key} needs a file name")

@@ -2,7 +2,8 @@
 
     runs/<dataset>/config.json
     runs/<dataset>/seed-<s>/pretrain.safetensors, contrast[-global|-none].safetensors,
-                            finetune-<domain>.safetensors, baseline-<model>-<domain>.safetensors
+                            finetune-<domain>.safetensors, baseline-<model>-<domain>.safetensors,
+                            baseline-cat-art-cat.safetensors (CAT-ART's CAT)
                             and a ``*.resume.safetensors`` beside each
 
 Fixed names, no timestamps (docs/design.md §5). A seed folder is ``seed-<s>``
@@ -25,6 +26,8 @@ CONTRAST = {
     "global": "contrast-global.safetensors",
     "none": "contrast-none.safetensors",
 }
+#: CAT-ART's CAT stage (its BPR-MF and ART checkpoints are ``baseline_name("cat-art-mf" | "cat-art", domain)``)
+CAT_ART_CAT = "baseline-cat-art-cat.safetensors"
 SEED_PREFIX = "seed-"
 _SEED_DIR = re.compile(r"seed-(0|[1-9][0-9]{0,17})")
 #: Domain names become parts of file names: lower-case letters, digits, ``_`` and ``-``, at most 64.

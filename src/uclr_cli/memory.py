@@ -82,6 +82,10 @@ def estimate(cfg: cfgmod.StageConfig, data, run_dir: Path | None = None, dim: in
         lora = (users + dim) * cfg.rank * FLOAT * 6
         tables = (users + items) * dim * FLOAT * 3
         return Need(lora + tables, "rank", f"rank {cfg.rank} on dim {dim}")
+    if isinstance(cfg, cfgmod.CatArtConfig):  # ART: every domain's user table, trained with dense Adam
+        widest = max(data.item_offsets[d + 1] - data.item_offsets[d] for d in range(len(data.domains)))
+        tables = (len(data.domains) * users + widest) * cfg.dim * FLOAT * 6
+        return Need(tables, "dim", f"dim {cfg.dim} over {len(data.domains)} domains")
     if isinstance(cfg, cfgmod.BaselineConfig):
         widest = max(data.item_offsets[d + 1] - data.item_offsets[d] for d in range(len(data.domains)))
         towers = 2 if cfg.model == "neumf" else 1

@@ -1,37 +1,87 @@
-"""`uclr baseline NAME`: single-domain BPRMF, NeuMF or LightGCN per domain and seed (the paper's Table 2)."""
+"""`uclr baseline NAME`: the paper's Table 2 baselines per domain and seed, scored by `uclr evaluate`.
+
+Single-domain BPRMF, NeuMF and LightGCN (options: BaselineConfig), and the
+cross-domain CAT-ART (options: CatArtConfig); each NAME is a subcommand, so
+its help lists only the options it reads.
+"""
 
 from __future__ import annotations
-
-from typing import Annotated
 
 import typer
 
 from uclr_cli import registry
-from uclr_cli.cli import options, training
-from uclr_cli.config import BaselineConfig
+from uclr_cli.cli import common, options, training
+from uclr_cli.config import BaselineConfig, CatArtConfig
 from uclr_cli.errors import ConfigError
 from uclr_cli.stages import baseline as stage
+from uclr_cli.stages import cat_art
 
 
-@options.from_model(BaselineConfig, exclude=["model"])
-def baseline(
+class BaselineGroup(common.UclrGroup):
+    """An unknown NAME is one line listing the known ones (not click's usage error)."""
+
+    def resolve_command(self, ctx, args):
+        if args and not args[0].startswith("-") and args[0].strip().lower() not in self.commands:
+            raise ConfigError(f"unknown baseline '{args[0]}'; choose one of {', '.join(registry.BASELINES)}", "NAME")
+        if args and args[0] != args[0].strip().lower():
+            args = [args[0].strip().lower(), *args[1:]]
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(
+    name="baseline",
+    cls=BaselineGroup,
+    help="Train a baseline on each domain's train interactions (scored by `uclr evaluate`).",
+    subcommand_metavar="NAME [OPTIONS]",
+    no_args_is_help=False,
+    rich_markup_mode="rich",
+)
+
+
+def _single_domain(kind: str):
+    @options.from_model(BaselineConfig, exclude=["model"])
+    def command(
+        flags,
+        seed: options.Seed = None,
+        resume: options.Resume = False,
+        config: options.Config = None,
+    ) -> None:
+        cfg, ds, run_dir = training.resolve(BaselineConfig, {**flags, "model": kind}, config, seed)
+        domains = training.chosen_domains(cfg.domain, ds)
+        name_ = stage.stage_name(kind)
+        training.write_config(run_dir, name_, cfg, ds)
+        results = training.run_seeds(
+            name_,
+            cfg.seeds,
+            lambda s, rep: [stage.run_domain(cfg, ds, run_dir, s, d, resume=resume, progress=rep) for d in domains],
+        )
+        training.print_summary(name_, training.merge_domains(results), ds.domains)
+
+    command.__doc__ = f"Train single-domain {registry.BASELINES[kind]} on each domain's train interactions."
+    return command
+
+
+for _kind in ("bprmf", "neumf", "lightgcn"):
+    app.command(_kind)(_single_domain(_kind))
+
+
+@app.command("cat-art")
+@options.from_model(CatArtConfig)
+def cat_art_command(
     flags,
-    name: Annotated[str, typer.Argument(metavar="NAME", help="bprmf | neumf | lightgcn.")],
     seed: options.Seed = None,
     resume: options.Resume = False,
     config: options.Config = None,
 ) -> None:
-    """Train a single-domain baseline on each domain's train interactions (scored by `uclr evaluate`)."""
-    kind = name.strip().lower()
-    if kind not in registry.BASELINES:
-        raise ConfigError(f"unknown baseline '{name}'; choose one of {', '.join(registry.BASELINES)}", "NAME")
-    cfg, ds, run_dir = training.resolve(BaselineConfig, {**flags, "model": kind}, config, seed)
-    domains = ds.domains if cfg.domain == "all" else [ds.domains[ds.domain_index(cfg.domain)]]
-    name_ = stage.stage_name(kind)
-    training.write_config(run_dir, name_, cfg, ds)
+    """Train CAT-ART (Li et al., WSDM 2023): BPR-MF per domain, the contrastive autoencoder CAT, ART per target."""
+    cfg, ds, run_dir = training.resolve(CatArtConfig, flags, config, seed)
+    domains = training.chosen_domains(cfg.domain, ds)
+    training.write_config(run_dir, cat_art.ART, cfg, ds)
     results = training.run_seeds(
-        name_,
+        cat_art.ART,
         cfg.seeds,
-        lambda s, rep: [stage.run_domain(cfg, ds, run_dir, s, d, resume=resume, progress=rep) for d in domains],
+        lambda s, rep: cat_art.run_seed(cfg, ds, run_dir, s, domains, resume=resume, progress=rep),
     )
-    training.print_summary(name_, training.merge_domains(results), ds.domains)
+    for name_ in (cat_art.MF, cat_art.ART):  # CAT has no ranking to report
+        rows = [r for r in results if r.stage.split()[0] == name_]
+        training.print_summary(name_, training.merge_domains(rows), ds.domains)

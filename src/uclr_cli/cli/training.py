@@ -321,6 +321,11 @@ def print_summary(stage: str, results: list[SeedResult], domains: list[str], ext
         console.print(t)
 
 
+def chosen_domains(domain: str, data: Dataset) -> list[str]:
+    """``--domain``: every domain for ``all``, else the one named (an unknown name is one line)."""
+    return list(data.domains) if domain == "all" else [data.domains[data.domain_index(domain)]]
+
+
 def merge_domains(results: list[SeedResult]) -> list[SeedResult]:
     """One row per seed for per-domain stages (finetune): domains side by side."""
     merged: dict[int, SeedResult] = {}
