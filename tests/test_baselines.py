@@ -547,9 +547,8 @@ def test_uniform_init_has_the_asked_std_and_bound(data, name):
         assert abs(float(table.std()) - 0.2) < 0.01
 
 
-def test_checkpoint_written_before_the_options_still_loads(data, trained, tmp_path):
-    """A bprmf checkpoint whose recorded config lacks init/item_bias (older uclr) loads as normal, no bias."""
-    run, _ = trained["bprmf"]
+def test_checkpoint_written_before_the_options_still_loads(data):
+    """A bprmf checkpoint whose recorded config lacks init/item_bias (older uclr) builds as normal, no bias."""
     conf = {k: v for k, v in bl.model_config(config("bprmf"), "bprmf").items() if k not in ("init", "item_bias")}
     model = tr.build_baseline("bprmf", conf, data, data.domain_index(DOMAIN), CPU)
     assert model.tables()[0].shape[1] == FAST["bprmf"]["dim"] and not model.item_bias

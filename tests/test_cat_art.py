@@ -209,6 +209,17 @@ def test_load_refuses_other_stage_dataset_source_and_shape(data, trained, tmp_pa
         ca.run_art(CatArtConfig(**FAST), data, other, 0, "books")
     with pytest.raises(DataError, match="missing"):
         ca.run_cat(CatArtConfig(**FAST), data, tmp_path / "empty", 0)
+    # a CAT checkpoint with a tensor missing or misshapen: one CheckpointError naming it (not a KeyError)
+    cat_path = run / "seed-0" / layout.CAT_ART_CAT
+    mf_sha = ckpt.read_header(cat_path)["mf_sha256"]
+    meta = {k: v for k, v in ckpt.read_header(cat_path).items() if k not in ("format_version", "package_version")}
+    good = load_file(str(cat_path))
+    for name, edit in (("pad", lambda t: t.pop("pad")), ("pad", lambda t: t.update(pad=torch.zeros(3)))):
+        t = dict(good)
+        edit(t)
+        ckpt.save(tmp_path / "cat.safetensors", t, meta)
+        with pytest.raises(CheckpointError, match=f"does not match its model .*{name}"):
+            ca.load_cat(tmp_path / "cat.safetensors", data, mf_sha, FAST["dim"], CPU)
 
 
 def test_resume_refuses_other_config(data, tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from uclr_cli.models import load_weights
+
 
 class AutoEncoder(nn.Module):
     """Encoder dim -> hidden[0] -> ... -> hidden[-1]; decoder mirrors it back to dim.
@@ -63,10 +65,7 @@ def ae_tensors(ae: AutoEncoder) -> dict[str, torch.Tensor]:
 
 def load_ae(ae: AutoEncoder, t: dict[str, torch.Tensor]) -> None:
     """Load the ``ae.*`` tensors of a checkpoint into ``ae``; a missing, extra or misshapen one: ValueError."""
-    try:
-        ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
-    except RuntimeError as e:  # torch's message lists every mismatch over several lines: keep the first
-        raise ValueError(str(e).strip().splitlines()[-1].strip()) from None
+    load_weights(ae, {k[3:]: v for k, v in t.items() if k.startswith("ae.")})
 
 
 def learned_columns(users: torch.Tensor, fixed_last: bool) -> torch.Tensor:

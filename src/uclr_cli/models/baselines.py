@@ -37,6 +37,15 @@ def dot_scorer(user_vecs: Tensor, item_vecs: Tensor, item_offset: int) -> Scorer
     return score
 
 
+def init_linears(module: nn.Module, gen: torch.Generator | None) -> None:
+    """Xavier-uniform weights and zero biases of every nn.Linear in ``module``, drawn from ``gen``
+    (nn.Linear's own init reads the global RNG)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, generator=gen)
+            nn.init.zeros_(m.bias)
+
+
 class SingleDomainModel(nn.Module):
     """What every baseline shares: users, one domain's item range, scoring and (de)serialising."""
 
@@ -176,9 +185,7 @@ class NeuMF(SingleDomainModel):
                 self.mlp_item = nn.Parameter(_normal(n_items, dim, init_std, gen, init))
                 width += mlp_layers[-1]
             self.out = nn.Linear(width, 1)
-        for lin in [*self.mlp, self.out]:
-            nn.init.xavier_uniform_(lin.weight, generator=gen)
-            nn.init.zeros_(lin.bias)
+        init_linears(self, gen)
 
     def embedding_names(self) -> list[str]:
         """The embedding tables (sparse gradients, row-wise Adam); the rest are dense layers."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uclr_cli.losses import bpr_loss, l2_term
-from uclr_cli.models.baselines import SingleDomainModel
+from uclr_cli.models.baselines import SingleDomainModel, init_linears
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -36,14 +36,6 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
         if k < len(sizes) - 2:
             layers.append(nn.PReLU())
     return nn.Sequential(*layers)
-
-
-def _init_linears(module: nn.Module, gen: torch.Generator | None) -> None:
-    """Xavier-uniform weights and zero biases from ``gen`` (nn.Linear's own init reads the global RNG)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight, generator=gen)
-            nn.init.zeros_(m.bias)
 
 
 def info_nce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
@@ -67,7 +59,7 @@ class CatAutoEncoder(nn.Module):
         with torch.random.fork_rng(devices=[]):  # the default inits draw from the global RNG; redone from gen
             self.encoder = _mlp([n_domains * dim, 5 * dim, 3 * dim, dim])
             self.decoder = _mlp([dim, 3 * dim, 5 * dim, n_domains * dim])
-        _init_linears(self, gen)
+        init_linears(self, gen)
         self.pad = nn.Parameter(torch.zeros(dim))
 
     def inputs(self, blocks: Tensor, has: Tensor) -> Tensor:
@@ -119,7 +111,7 @@ class ART(SingleDomainModel):
             self.source_proj = nn.ModuleList(nn.Linear(dim, dim) for _ in self.sources)
             self.global_proj = nn.Linear(dim, dim)
             self.attention = nn.ModuleList(nn.Linear(dim, dim) for _ in range(4))  # query, key, value, output
-        _init_linears(self, gen)
+        init_linears(self, gen)
         self.register_buffer("z", torch.zeros(n_users, dim))  # Encoder(x) of the frozen CAT
         self.register_buffer("has", torch.zeros(n_domains, n_users, dtype=torch.bool))  # train rows per domain
 

@@ -29,6 +29,7 @@ from uclr_cli import layout, loop
 from uclr_cli.config import CatArtConfig
 from uclr_cli.data.dataset import Dataset, sha256_file
 from uclr_cli.errors import CheckpointError
+from uclr_cli.models import load_weights
 from uclr_cli.models.cat_art import CatAutoEncoder
 from uclr_cli.optim import BPRRowStep, load_torch_optimizer_tensors, torch_optimizer_tensors
 from uclr_cli.sampling import NegativeSampler
@@ -171,9 +172,9 @@ def load_cat(path: Path, data: Dataset, mf_sha: dict, dim: int, device) -> CatAu
     t, _ = ckpt.load(path, stage=CAT, fingerprint=data.fingerprint, expect={"mf_sha256": mf_sha, "dim": dim})
     cat = CatAutoEncoder(len(data.domains), dim).to(device)
     try:
-        cat.load_state_dict({k: t[k] for k in cat.state_dict()})
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint does not match its model ({str(e).splitlines()[-1][:80]})", path) from None
+        load_weights(cat, t)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint does not match its model ({e})", path) from None
     return cat
 
 
@@ -236,8 +237,9 @@ def run_art(
     has = has_train_rows(data, device)
     conf = stage_configs(cfg)[ART]
     out = loop.Outputs.of(ART, data, run_dir, seed, layout.baseline_name("cat-art", domain), conf)
-    out.meta = dict(domain=domain, dim=cfg.dim, n_users=data.n_users, item_offset=lo, n_items=hi - lo)
-    out.meta.update(cat_sha256=cat_sha)
+    out.meta = dict(
+        domain=domain, dim=cfg.dim, n_users=data.n_users, item_offset=lo, n_items=hi - lo, cat_sha256=cat_sha
+    )
     timer, label = loop.Timer(), f"{ART} {domain}"
     model = build_baseline("cat-art", conf, data, d, device, torch.Generator().manual_seed(seed * 7919 + 401 * d))
     with torch.no_grad():

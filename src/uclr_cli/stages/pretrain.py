@@ -139,35 +139,23 @@ def run_seed(
             if k > 1:  # one BPR pair per negative
                 u, i, d = u.repeat_interleave(k), i.repeat_interleave(k), d.repeat_interleave(k)
             j = sampler(u, d, gen)  # for the whole global batch: the same draws on every rank
-            if world.size > 1:  # this rank's share; its loss is its part of the global batch's mean
-                lo, hi = world.part(len(u))
-                share = (hi - lo) / len(u)
-                if rowwise and gcn is None:
-                    loss = opt.step(u, i, j, part=(lo, hi), reduce=world.sum_)
-                else:
-                    opt.zero_grad(set_to_none=True)
-                    if hi > lo:
-                        ul, il, jl = u[lo:hi], i[lo:hi], j[lo:hi]
-                        if gcn is not None:
-                            loss = gcn.objective(ul, il, jl, regs) * share
-                        else:
-                            loss = bpr_objective(users[ul], items[il], items[jl], regs, free) * share
-                        loss.backward()
-                    else:
-                        loss = torch.zeros((), device=device)
-                    world.sum_grads(params)
-                    opt.step()
-            elif gcn is not None:
-                opt.zero_grad(set_to_none=True)
-                loss = gcn.objective(u, i, j, regs)
-                loss.backward()
-                opt.step()
-            elif rowwise:
-                loss = opt.step(u, i, j)
+            lo, hi = world.part(len(u))  # this rank's share (the whole batch in one process)
+            if rowwise and gcn is None:
+                spread = world.size > 1
+                loss = opt.step(u, i, j, part=(lo, hi) if spread else None, reduce=world.sum_ if spread else None)
             else:
                 opt.zero_grad(set_to_none=True)
-                loss = bpr_objective(users[u], items[i], items[j], regs, free)
-                loss.backward()
+                loss = torch.zeros((), device=device)
+                if hi > lo:
+                    ul, il, jl = u[lo:hi], i[lo:hi], j[lo:hi]
+                    if gcn is not None:
+                        loss = gcn.objective(ul, il, jl, regs)
+                    else:
+                        loss = bpr_objective(users[ul], items[il], items[jl], regs, free)
+                    if hi - lo < len(u):  # its part of the global batch's mean
+                        loss = loss * ((hi - lo) / len(u))
+                    loss.backward()
+                world.sum_grads(params)  # a no-op in one process
                 opt.step()
             total += loss.detach() * len(idx)
         epoch_loss = float(world.sum_(total)) / max(n, 1)  # a host sync: the epoch's training is done
