@@ -61,7 +61,7 @@ KINDS = ("sgd", "rmsprop", "dense")
 def _worker(rank: int, size: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=30)
+        "gloo", init_method=init, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=60)
     )
     world = distributed.World(rank, size)
     save_file({k: _train(world, k) for k in KINDS}, f"{out}/rank{rank}.safetensors")

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from conftest import run_cli
 from uclr_cli import config as cfgmod
-from uclr_cli.cli import ablate, common
+from uclr_cli.cli import ablate, common, options
 from uclr_cli.cli.app import app
 from uclr_cli.errors import ConfigError, UclrError
 
@@ -72,7 +72,10 @@ def test_help_states_each_default_of_the_config_model(path, cmd):
         return  # no model behind it: typer states the declared defaults itself
     by_name = {p.name: p for p in cmd.params}
     checked = 0
-    for key, field in model.model_fields.items():
+    for key in model.model_fields:
+        field = options.shown_field(
+            model, key, getattr(cmd.callback, "config_defaults", {})
+        )  # a baseline's own defaults
         param = by_name.get(key)
         if param is None or param.param_type_name == "argument":
             continue  # a field the command sets itself (baseline NAME, ablate tables) or an argument
@@ -88,6 +91,16 @@ def test_help_states_each_default_of_the_config_model(path, cmd):
         assert _read_shown(shown[0], expected, flag) == expected, (path, key, shown[0], expected)
         checked += 1
     assert checked >= 3, path
+
+
+def test_baseline_help_states_the_defaults_the_model_applies():
+    """Each baseline's help shows its own defaults (config.BASELINE_DEFAULTS), the values its config takes."""
+    for kind in ("bprmf", "lightgcn", "neumf"):
+        rows, cfg = _help_rows(("baseline", kind)), cfgmod.BaselineConfig(model=kind)
+        for flag, value in (("--reg", cfg.reg), ("--lr", cfg.lr)):
+            assert float(re.findall(r"\[default: ([^\]]*)\]", rows[flag])[0]) == value, (kind, flag)
+    assert (cfgmod.BaselineConfig(model="bprmf").reg, cfgmod.BaselineConfig(model="neumf").reg) == (0.03, 1e-5)
+    assert "[default: rowwise-rmsprop]" in _help_rows(("baseline", "bprmf"))["--optimizer"]
 
 
 def test_contrast_help_states_the_contrast_defaults():

@@ -41,9 +41,9 @@ def test_two_ranks_equal_one_process_fp64_sgd(tmp_path):
     ctx = mp.start_processes(
         _worker, args=(2, f"file://{tmp_path}/rdzv", str(tmp_path)), nprocs=2, join=False, start_method="spawn"
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240  # generous: a loaded 2-core machine spawns two torch processes slowly
     while not ctx.join(timeout=5):
-        assert time.monotonic() < deadline, "the spawned ranks did not finish in 120 s"
+        assert time.monotonic() < deadline, "the spawned ranks did not finish in 240 s"
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
     for kind in KINDS:
         single = _train(distributed.SINGLE, kind)
@@ -54,7 +54,7 @@ def test_two_ranks_equal_one_process_fp64_sgd(tmp_path):
         assert (single - start * 0.3).norm() > 0.05 * single.norm(), kind  # training moved the tables
     seconds, message = (tmp_path / "lost.txt").read_text().split("\n", 1)
     assert "rank 0: another rank failed or timed out" in message and "\n" not in message
-    assert float(seconds) < 25  # not the 30 s timeout: the closed connection is noticed at once
+    assert float(seconds) < 45  # not the 60 s timeout: the closed connection is noticed at once
 
 
 def _torchrun(nproc: int, *args, cwd: Path, timeout: float = 150) -> subprocess.CompletedProcess:

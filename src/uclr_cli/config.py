@@ -371,12 +371,22 @@ BASELINE_OPTIONS: dict[str, tuple[str, ...]] = {
 ROWWISE = {"rowwise-adam": "adam", "rowwise-rmsprop": "rmsprop", "rowwise-adagrad": "adagrad", "rowwise-sgd": "sgd"}
 
 
+#: Per-model defaults of the baselines, chosen on Douban validation with the same 7-point budget as PGE's
+#: (docs/results.md, issue 11). NeuMF had no grid yet: it keeps the fields' defaults (lr 1e-3, reg 1e-5).
+BASELINE_DEFAULTS: dict[str, dict] = {
+    "bprmf": {"lr": 3e-3, "reg": 0.03, "optimizer": "rowwise-rmsprop", "item_bias": True},
+    "lightgcn": {"lr": 3e-3, "reg": 1e-3},
+}
+
+
 class BaselineConfig(TrainConfig):
     """Single-domain baselines of the paper's Table 2: BPRMF, NeuMF, LightGCN."""
 
     model: Literal["bprmf", "neumf", "lightgcn"] = "bprmf"
     domain: str = Field("all", description="A domain name, or all.")
     dim: StrictInt = Field(128, ge=1, description="Embedding size m.")
+    # lr, reg and bprmf's optimizer / item bias: the defaults below are NeuMF's; BASELINE_DEFAULTS has the others
+    lr: StrictFloat = Field(1e-3, gt=0, description="Learning rate.")
     reg: StrictFloat = Field(1e-5, ge=0, description="L2 weight on the embedding rows of a batch.")
     # The options PGE has, where they apply (issue 11: the same care for the baselines as for our model).
     reg_user: StrictFloat | None = Field(None, ge=0, description="bprmf, lightgcn: L2 on the user rows (default: reg).")
@@ -421,11 +431,13 @@ class BaselineConfig(TrainConfig):
 
     @model_validator(mode="before")
     @classmethod
-    def _old_negatives(cls, v):
+    def _old_negatives_and_model_defaults(cls, v):
         if isinstance(v, dict) and isinstance(v.get("negatives"), int) and not isinstance(v["negatives"], bool):
             raise ValueError(
                 "negatives is the sampler now (uniform | popularity | mix); the count per positive is n_negatives"
             )
+        if isinstance(v, dict):  # what the user gave wins over the model's defaults
+            v = {**BASELINE_DEFAULTS.get(v.get("model", "bprmf"), {}), **v}
         return v
 
     def role_regs(self) -> tuple[float, float, float]:

@@ -11,7 +11,7 @@ import typer
 
 from uclr_cli import registry
 from uclr_cli.cli import common, options, training
-from uclr_cli.config import BaselineConfig, CatArtConfig
+from uclr_cli.config import BASELINE_DEFAULTS, BaselineConfig, CatArtConfig
 from uclr_cli.errors import ConfigError
 from uclr_cli.stages import baseline as stage
 from uclr_cli.stages import cat_art
@@ -39,7 +39,7 @@ app = typer.Typer(
 
 
 def _single_domain(kind: str):
-    @options.from_model(BaselineConfig, exclude=["model"])
+    @options.from_model(BaselineConfig, exclude=["model"], defaults=BASELINE_DEFAULTS.get(kind))
     def command(
         flags,
         seed: options.Seed = None,

@@ -63,9 +63,9 @@ def _number(v: Any) -> str:
     return str(v)
 
 
-def option_type(model: type[cfgmod.StageConfig], key: str) -> Any:
-    """The Annotated type of the option for ``model``'s field ``key``."""
-    field = model.model_fields[key]
+def option_type(model: type[cfgmod.StageConfig], key: str, defaults: dict[str, Any] | None = None) -> Any:
+    """The Annotated type of the option for ``model``'s field ``key``; ``defaults`` overrides the default shown."""
+    field = shown_field(model, key, defaults)
     tp = cfgmod.field_type(model, key)
     flag = _flag(field)
     decls = [flag or f"--{key.replace('_', '-')}"]
@@ -88,8 +88,21 @@ def option_type(model: type[cfgmod.StageConfig], key: str) -> Any:
     return Annotated[base | None, opt]
 
 
-def from_model(model: type[cfgmod.StageConfig], *, exclude: Iterable[str] = ()) -> Callable:
-    """Decorate a command: every field of ``model`` not in ``exclude`` becomes an option (see the module doc)."""
+def shown_field(model: type[cfgmod.StageConfig], key: str, defaults: dict[str, Any] | None = None) -> FieldInfo:
+    """``model``'s field ``key``, with its default replaced by ``defaults[key]`` where given."""
+    field = model.model_fields[key]
+    if defaults and key in defaults:
+        field = FieldInfo.merge_field_infos(field, default=defaults[key])
+    return field
+
+
+def from_model(
+    model: type[cfgmod.StageConfig], *, exclude: Iterable[str] = (), defaults: dict[str, Any] | None = None
+) -> Callable:
+    """Decorate a command: every field of ``model`` not in ``exclude`` becomes an option (see the module doc).
+
+    ``defaults``: the defaults this command's model applies instead of the fields' own (help shows them), e.g.
+    a baseline's per-model values (config.BASELINE_DEFAULTS)."""
     skip = set(exclude)
 
     def decorate(fn: Callable) -> Callable:
@@ -102,7 +115,9 @@ def from_model(model: type[cfgmod.StageConfig], *, exclude: Iterable[str] = ()) 
         generated = []
         for f in fields:
             generated.append(
-                inspect.Parameter(f, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=option_type(model, f))
+                inspect.Parameter(
+                    f, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=option_type(model, f, defaults)
+                )
             )
             if f == "seeds" and "seed" in own:  # --seed right after --seeds
                 generated.append(own["seed"].replace(kind=inspect.Parameter.KEYWORD_ONLY))
@@ -120,6 +135,7 @@ def from_model(model: type[cfgmod.StageConfig], *, exclude: Iterable[str] = ()) 
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         command.config_model = model  # type: ignore[attr-defined]  # read by the help test
+        command.config_defaults = dict(defaults or {})  # type: ignore[attr-defined]
         return command
 
     return decorate
