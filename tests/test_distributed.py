@@ -3,12 +3,15 @@
 Library level: two processes spawned with torch.multiprocessing run the row-wise step and the dense autograd
 step in float64 with SGD over batches whose last one is uneven (and one with an empty share), against one
 process. CLI level: a real ``torchrun --nproc-per-node 2 -m uclr_cli pretrain`` on the tiny data against the
-single-process command, and bad input refused. Every launch runs under a timeout.
+single-process command, a rank killed under ``torchrun --max-restarts 1`` and resumed, and bad input refused.
+Every launch runs under a timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -91,6 +94,95 @@ def test_torchrun_pretrain_equals_one_process(tiny_data, tmp_path):
     one, two = (load_file(tmp_path / run / "seed-0" / "pretrain.resume.safetensors") for run in ("one", "two"))
     assert ckpt.read_header(tmp_path / "two" / "seed-0" / "pretrain.resume.safetensors")["epoch"] == 4
     assert all(torch.allclose(one[k].double(), two[k].double(), rtol=1e-5, atol=1e-5) for k in one)
+
+
+def _children(pid: int) -> dict[str, int]:
+    """The worker processes torchrun ``pid`` started, by their RANK (read from /proc)."""
+    ranks = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                env = dict(kv.split("=", 1) for kv in (d / "environ").read_text().split("\0") if "=" in kv)
+                ranks[env["RANK"]] = int(d.name)
+        except (OSError, KeyError):  # gone meanwhile, or not a worker
+            pass
+    return ranks
+
+
+def test_a_rank_killed_mid_run_is_restarted_and_resumes_to_the_unbroken_result(tiny_data, tmp_path):
+    """torchrun --max-restarts 1 with --resume: rank 1 is SIGKILLed once the first resume state exists; torchrun
+    restarts both ranks, which continue after the last saved epoch (no epoch is trained twice), and the final
+    checkpoint equals the unbroken single-process run within 1e-6 (float reordering of the gradient sums)."""
+    args = (*PRETRAIN[:2], "--epochs", "16", *PRETRAIN[4:], "--patience", "100")
+    assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / "one", *args).exit_code == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", distributed.TIMEOUT_ENV: "60"}
+    env[distributed.SHARE_STORE_ENV] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1"]
+    cmd += ["-m", "--", "uclr_cli", "pretrain", "--data", str(tiny_data), "--run", str(tmp_path / "two"), *args]
+    state = tmp_path / "two" / "seed-0" / "pretrain.resume.safetensors"
+    with subprocess.Popen(
+        cmd + ["--resume"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as p:
+        try:
+            deadline = time.monotonic() + 120
+            while not state.is_file():
+                assert p.poll() is None and time.monotonic() < deadline, "no resume state within 120 s"
+                time.sleep(0.01)
+            os.kill(_children(p.pid)["1"], signal.SIGKILL)
+            out = p.communicate(timeout=150)[0]
+        finally:  # on a failure, no rank outlives the test
+            for pid in _children(p.pid).values() if p.poll() is None else ():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            p.kill()
+    assert p.returncode == 0, out[-3000:]
+    lines = out.splitlines()
+    assert "torchrun restart 1 of 1: continues from the last resume state" in lines, out[-3000:]
+    assert not any(ln.startswith("warning:") for ln in lines)
+    epochs = lambda part: [int(ln.split("epoch=")[1].split("/")[0]) for ln in part if ln.startswith("pretrain seed=")]  # noqa: E731
+    restart = lines.index("torchrun restart 1 of 1: continues from the last resume state")
+    before, after = epochs(lines[:restart]), epochs(lines[restart:])
+    assert after and after[0] > 1 and after[-1] == 16, (before, after)  # resumed mid-run, not from scratch
+    assert after == list(range(after[0], 17)) and before == list(range(1, len(before) + 1)), (before, after)
+    assert after[0] <= len(before) + 2  # the line of the last saved epoch may be lost with the stopped rank 0
+    for name in ("pretrain.safetensors", "pretrain.resume.safetensors"):
+        one, two = (load_file(tmp_path / run / "seed-0" / name) for run in ("one", "two"))
+        assert one.keys() == two.keys()
+        for k in one:
+            assert torch.allclose(one[k].double(), two[k].double(), rtol=1e-6, atol=1e-6), (name, k)
+    assert torch.equal(one["rng"], two["rng"])
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*"))  # noqa: E731
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+
+
+def test_restart_warning_names_the_variable_torch_2_13_needs(monkeypatch):
+    """Rank 0 warns when torchrun may restart several ranks without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."""
+    monkeypatch.delenv(distributed.SHARE_STORE_ENV, raising=False)
+    for size, allowed, warned in (("2", "1", True), ("2", "0", False), ("1", "3", False)):
+        monkeypatch.setenv("WORLD_SIZE", size)
+        monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", allowed)
+        assert (distributed.SHARE_STORE_ENV in (distributed.restart_warning() or "")) is warned, (size, allowed)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(distributed.SHARE_STORE_ENV, "1")
+    assert distributed.restart_warning() is None
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_rank_0_of_a_restart_says_so_and_warns_first(tiny_data, tmp_path, monkeypatch, resume):
+    """As torchrun restarts rank 0 (here refused right after, before joining): the warning, then the restart."""
+    monkeypatch.delenv(distributed.SHARE_STORE_ENV, raising=False)
+    env = {"WORLD_SIZE": "3", "RANK": "0", "TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_MAX_RESTARTS": "2"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    more = ("--resume",) if resume else ()
+    r = run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / "r", "--batch-size", "2", *more)
+    assert r.exit_code == 1
+    then = "continues from the last resume state" if resume else "starts over (--resume would continue)"
+    assert r.stderr.splitlines() == [
+        f"warning: {distributed.restart_warning()}",
+        f"torchrun restart 1 of 2: {then}",
+        "error: 2 is smaller than the world size 3 (every rank needs a share of each batch) (--batch-size)",
+    ]
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])

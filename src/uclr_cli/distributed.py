@@ -27,6 +27,10 @@ from uclr_cli.errors import ConfigError, TrainingError
 TIMEOUT_ENV = "UCLR_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 
+#: torchrun's environment variable that a restart needs on torch 2.13 (pytorch issue 135712): unless it is
+#: "1", the restarted workers reuse the agent's rendezvous store and fail to connect (gloo) or hang joining.
+SHARE_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
 #: True once this process has joined a process group (errors of other ranks are then worth printing).
 JOINED = False
 
@@ -49,6 +53,21 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ConfigError(f"{name}={value!r} is not an integer", f"environment variable {name}") from None
+
+
+def restarts() -> tuple[int, int]:
+    """``(restarts so far, restarts allowed)`` of torchrun's worker group (``--max-restarts``); (0, 0) without it."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0), _env_int("TORCHELASTIC_MAX_RESTARTS", 0)
+
+
+def restart_warning() -> str | None:
+    """Why a restart of several ranks would likely fail here (torchrun without ``SHARE_STORE_ENV=1``), or None."""
+    if env_world_size() > 1 and restarts()[1] > 0 and os.environ.get(SHARE_STORE_ENV) != "1":
+        return (
+            f"torchrun restarts need {SHARE_STORE_ENV}=1 in torchrun's environment on torch 2.13 (pytorch issue "
+            "135712); without it a restarted rank may fail to connect or hang until UCLR_DIST_TIMEOUT"
+        )
+    return None
 
 
 def timeout_s() -> float:

@@ -11,7 +11,7 @@ from uclr_cli.stages import pretrain as stage
 def pretrain(flags, seed: options.Seed = None, resume: options.Resume = False, config: options.Config = None) -> None:
     """Pretrain global user and item embeddings (PGE) over all domains."""
     cfg, ds, run_dir = training.resolve(PretrainConfig, flags, config, seed)
-    world = training.join(cfg, cfg.batch_size)  # under torchrun: data-parallel (docs/distributed.md)
+    world = training.join(cfg, cfg.batch_size, resume)  # under torchrun: data-parallel (docs/distributed.md)
     training.write_config(run_dir, stage.STAGE, cfg, ds)
     results = training.run_seeds(
         stage.STAGE,

@@ -210,9 +210,17 @@ def one_process_only(command: str) -> None:
         )
 
 
-def join(cfg: cfgmod.StageConfig, batch_size: int | None = None) -> distributed.World:
+def join(cfg: cfgmod.StageConfig, batch_size: int | None = None, resume: bool = False) -> distributed.World:
     """Join the process group when launched by ``torchrun`` (held until the command ends): rank 0 prints
-    and writes, the others are quiet. ``batch_size``: the global batch, which every rank needs a share of."""
+    and writes, the others are quiet. ``batch_size``: the global batch, which every rank needs a share of.
+    Under ``torchrun --max-restarts``, rank 0 says when this start is a restart, and what it continues from."""
+    if distributed.env_rank() == 0:
+        if warning := distributed.restart_warning():  # before joining: that is where a bad restart hangs
+            common.warn(warning)
+        count, allowed = distributed.restarts()
+        if count > 0:
+            then = "continues from the last resume state" if resume else "starts over (--resume would continue)"
+            common.info(f"torchrun restart {count} of {allowed}: {then}")
     size = distributed.env_world_size()
     if size > 1 and batch_size is not None:
         distributed.World(0, size).check_batch(batch_size)
