@@ -129,6 +129,19 @@ def test_differences_order_matches_loop():
     assert torch.equal(h, ref)
 
 
+@pytest.mark.parametrize("b", [1, 2, 3, 8])
+def test_differences_gradient_is_the_weights_off_the_diagonal(b):
+    """d/dsim of sum(W * h): W at (i, k != i), minus the row sum of W on the diagonal (h = sim - sim_ii)."""
+    sim = torch.randn(b, b, dtype=D64, generator=torch.Generator().manual_seed(b)).requires_grad_(True)
+    w = torch.arange(1, b * (b - 1) + 1, dtype=D64).view(b, b - 1)
+    (differences(sim) * w).sum().backward()
+    ref = torch.zeros(b, b, dtype=D64)
+    for i in range(b):
+        ref[i, [k for k in range(b) if k != i]] = w[i]
+        ref[i, i] = -w[i].sum()
+    assert torch.equal(sim.grad, ref)
+
+
 # ---------------------------------------------------------------- FCCO estimator (gamma = 1)
 
 
