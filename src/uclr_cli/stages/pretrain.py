@@ -11,7 +11,8 @@ row and a learned bias in every item row, so a score is still a dot product.
 Early stopping on validation NDCG@10 averaged over domains; the best epoch is
 what is saved. Under ``torchrun`` the loop is data-parallel (``world``,
 :mod:`uclr_cli.distributed`): each rank trains on its share of every global
-batch, the gradients are summed, and rank 0 writes.
+batch, the gradients are summed; every rank writes its rows of each save's DCP
+state (:mod:`uclr_cli.dcp`), and rank 0 writes the safetensors files at the end.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def run_seed(
     progress: loop.Progress | None = None,
     world: distributed.World = distributed.SINGLE,
 ) -> loop.SeedResult:
-    """Train one seed; writes ``seed-<s>/pretrain.safetensors`` (best on valid; rank 0 of ``world`` only)."""
+    """Train one seed; writes ``seed-<s>/pretrain.safetensors`` (best on valid; rank 0 of ``world`` only, and
+    until the end ``seed-<s>/pretrain.dcp`` with every rank)."""
     device = distributed.device_for(loop.resolve_device(cfg.device))
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
     out = loop.Outputs.of(STAGE, data, run_dir, seed, layout.PRETRAIN, config)
