@@ -352,3 +352,30 @@ def test_an_interrupted_torchrun_pretrain_resumes_in_one_process_or_consolidates
     for name in ("pretrain.safetensors", "pretrain.resume.safetensors"):
         two, cons = (load_file(tmp_path / run / "seed-0" / name) for run in ("two", "cons"))
         assert two.keys() == cons.keys() and all(torch.equal(two[k], cons[k]) for k in two), name
+
+
+def test_a_data_parallel_resume_from_safetensors_carries_the_best_tables_into_its_dcp_saves(tiny_data, tmp_path):
+    """Every DCP state holds the best tables, so a data-parallel run that resumes from the safetensors pair
+    takes them from pretrain.safetensors (when it is the best epoch the state records); one process does not
+    (its best file stays where it is). No collective is involved in reading a safetensors state."""
+    from uclr_cli import loop
+    from uclr_cli.config import PretrainConfig
+    from uclr_cli.data.dataset import load_prepared
+    from uclr_cli.stages import pretrain
+
+    assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path, *PRETRAIN).exit_code == 0
+    cfg = PretrainConfig(dim=8, epochs=3, batch_size=100, seeds=[0], save_every=0)  # PRETRAIN's options
+    data = load_prepared(tiny_data)
+    config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
+    out = loop.Outputs.of(pretrain.STAGE, data, tmp_path, 0, "pretrain.safetensors", config)
+    saved = load_file(tmp_path / "seed-0" / "pretrain.safetensors")
+    for world, carried in ((distributed.World(0, 2), True), (distributed.SINGLE, False)):
+        sched, gen = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every), torch.Generator()
+        t, best = out.resume(sched, gen, world)
+        assert t is not None and sched.start == 4
+        if not carried:
+            assert best is None
+            continue
+        tables, epoch = best
+        assert epoch == sched.best_epoch > 0
+        assert tables.keys() == saved.keys() and all(torch.equal(tables[k], saved[k]) for k in saved)

@@ -319,9 +319,9 @@ class Outputs:
         if world.size == 1 or sched.best_epoch == 0 or not self.best.is_file():
             return t, None
         b, meta = ckpt.load(self.best, stage=self.stage, fingerprint=self.data.fingerprint)
-        return t, ({k: v.to(gen.device) for k, v in b.items()}, sched.best_epoch) if meta.get(
-            "epoch"
-        ) == sched.best_epoch else None
+        if meta.get("epoch") != sched.best_epoch:  # not the best the state records: the next improvement is
+            return t, None
+        return t, ({k: v.to(gen.device) for k, v in b.items()}, sched.best_epoch)
 
     def save(
         self,
