@@ -229,8 +229,10 @@ def test_dcp_state_saved_at_2_ranks_loads_at_1_and_3_and_consolidates(tmp_path):
     bytes one process's safetensors save writes. No pickle in the folder: safetensors shards and JSON."""
     folder = tmp_path / "seed-0" / "pretrain.dcp"
     folder.parent.mkdir()
+    # fork, not spawn: the ranks start with torch imported (9 s instead of 28 s here); each sets one intra-op
+    # thread first, as DataLoader's forked workers do, and the parent holds no process group
     ctx = mp.start_processes(
-        _dcp_worker, args=(3, f"file://{tmp_path}/rdzv", str(folder)), nprocs=3, join=False, start_method="spawn"
+        _dcp_worker, args=(3, f"file://{tmp_path}/rdzv", str(folder)), nprocs=3, join=False, start_method="fork"
     )
     deadline = time.monotonic() + 240  # three torch processes on a loaded 2-core machine start slowly
     while not ctx.join(timeout=5):
