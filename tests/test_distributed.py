@@ -276,6 +276,12 @@ def test_a_dcp_state_of_another_run_or_damaged_is_refused_in_one_line(tmp_path):
         dcp.load(folder, **{**checks, "fingerprint": "other"})
     with pytest.raises(CheckpointError, match=r"^checkpoint was made with other config \(dim differ\)"):
         dcp.load(folder, **checks, expect={"config": {"dim": DIM + 1}})
+    with pytest.raises(CheckpointError, match=r"^DCP state was trained on another dataset than the run's"):
+        dcp.consolidate_run(tmp_path, fingerprint="other")
+    ckpt.save(folder.parent / "pretrain.resume.safetensors", state, DCP_META)  # saved after the DCP state
+    with pytest.raises(CheckpointError, match=r"^DCP state is older than pretrain.resume.safetensors"):
+        dcp.consolidate_run(tmp_path, fingerprint="fp")
+    assert (folder / dcp.MANIFEST).is_file()  # refused: nothing removed
     (shard,) = (folder / dcp.manifest(folder)["generation"]).iterdir()
     raw = bytearray(shard.read_bytes())
     raw[-3] ^= 1
