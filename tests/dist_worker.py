@@ -75,3 +75,57 @@ def _worker(rank: int, size: int, init: str, out: str) -> None:
         Path(out, "lost.txt").write_text(f"{time.perf_counter() - t0:.1f}\n{message}")
     else:
         torch.distributed.destroy_process_group()
+
+
+# --- DCP states (uclr_cli.dcp): saved by 2 ranks, read back by 3 ------------------------------------------------
+
+DCP_META = {
+    "stage": "pretrain-resume",
+    "dataset": "fp",
+    "seed": 0,
+    "config": {"dim": DIM},
+    "epoch": 3,
+    "best_score": 0.5,
+    "best_epoch": 2,
+    "bad": 0,
+    "per_domain": {"a": 0.5},
+    "done": False,
+}
+DCP_BEST_META = {"stage": "pretrain", "dataset": "fp", "seed": 0, "config": {"dim": DIM}, "epoch": 2, "best_score": 0.5}
+
+
+def dcp_tensors() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A resume state and a best checkpoint shaped like pretrain's: tables of 13 and 11 rows (uneven over 2
+    and 3 ranks), float64, float32 and int64 tensors, a step counter and a generator state."""
+    g = torch.Generator().manual_seed(5)
+    state = {
+        "user_emb": torch.randn(N_USERS, DIM, generator=g, dtype=torch.float64),
+        "item_emb": torch.randn(N_ITEMS, DIM, generator=g, dtype=torch.float64),
+        "opt.v": torch.rand(N_USERS + N_ITEMS, DIM, generator=g),
+        "opt.last": torch.randint(100, (N_USERS + N_ITEMS,), generator=g),
+        "opt.step": torch.tensor([7]),
+        "rng": torch.Generator().manual_seed(3).get_state(),
+    }
+    best = {"user_emb": torch.randn(N_USERS, DIM, generator=g), "item_emb": torch.randn(N_ITEMS, DIM, generator=g)}
+    return state, best
+
+
+def _dcp_worker(rank: int, size: int, init: str, folder: str) -> None:
+    """Ranks 0 and 1 save a DCP state (in a group of their own), then all 3 load it, each writing what it read."""
+    from uclr_cli import dcp
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=60)
+    )
+    pair = torch.distributed.new_group([0, 1])  # every rank takes part in making a group
+    if rank < 2:
+        state, best = dcp_tensors()
+        dcp.save(Path(folder), distributed.World(rank, 2, pair), state, DCP_META, best, DCP_BEST_META)
+    torch.distributed.barrier()
+    state, meta, best, best_meta = dcp.load(
+        Path(folder), distributed.World(rank, size), stage="pretrain-resume", fingerprint="fp"
+    )
+    out = {**state, **{f"best.{k}": v for k, v in best.items()}}
+    save_file(out, f"{Path(folder).parent.parent}/load{rank}.safetensors", {"meta": repr((meta, best_meta))})
+    torch.distributed.destroy_process_group()

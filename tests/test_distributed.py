@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +24,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from dist_worker import DIM, KINDS, N_ITEMS, N_USERS, _train, _worker
+from dist_worker import DCP_BEST_META, DCP_META, DIM, KINDS, N_ITEMS, N_USERS, _dcp_worker, _train, _worker, dcp_tensors
 from uclr_cli import checkpoint as ckpt
-from uclr_cli import distributed
+from uclr_cli import dcp, distributed
+from uclr_cli.errors import CheckpointError
 
 
 def test_part_is_a_contiguous_split_without_padding():
@@ -111,7 +113,7 @@ def _children(pid: int) -> dict[str, int]:
 
 def test_a_rank_killed_mid_run_is_restarted_and_resumes_to_the_unbroken_result(tiny_data, tmp_path):
     """torchrun --max-restarts 1 with --resume: rank 1 is SIGKILLed once the first resume state exists; torchrun
-    restarts both ranks, which continue after the last saved epoch (no epoch is trained twice), and the final
+    restarts both ranks, which continue from the last DCP state (no epoch is trained twice), and the final
     checkpoint equals the unbroken single-process run within 1e-6 (float reordering of the gradient sums)."""
     args = (*PRETRAIN[:2], "--epochs", "16", *PRETRAIN[4:], "--patience", "100")
     assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / "one", *args).exit_code == 0
@@ -119,14 +121,14 @@ def test_a_rank_killed_mid_run_is_restarted_and_resumes_to_the_unbroken_result(t
     env[distributed.SHARE_STORE_ENV] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1"]
     cmd += ["-m", "--", "uclr_cli", "pretrain", "--data", str(tiny_data), "--run", str(tmp_path / "two"), *args]
-    state = tmp_path / "two" / "seed-0" / "pretrain.resume.safetensors"
+    state = tmp_path / "two" / "seed-0" / "pretrain.dcp" / dcp.MANIFEST  # under torchrun: the DCP state
     with subprocess.Popen(
         cmd + ["--resume"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as p:
         try:
             deadline = time.monotonic() + 120
             while not state.is_file():
-                assert p.poll() is None and time.monotonic() < deadline, "no resume state within 120 s"
+                assert p.poll() is None and time.monotonic() < deadline, "no DCP resume state within 120 s"
                 time.sleep(0.01)
             os.kill(_children(p.pid)["1"], signal.SIGKILL)
             out = p.communicate(timeout=150)[0]
@@ -219,3 +221,169 @@ def test_bad_timeout_is_refused(bad, monkeypatch):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
     with pytest.raises(distributed.ConfigError, match=distributed.TIMEOUT_ENV):
         distributed.timeout_s()
+
+
+def test_dcp_state_saved_at_2_ranks_loads_at_1_and_3_and_consolidates(tmp_path):
+    """A DCP state written by 2 gloo ranks (tables row-sharded: 13 and 11 rows, uneven over 2 and 3) reads back
+    bit-equal in one process and on 3 ranks, every rank holding every tensor; consolidating it writes the
+    bytes one process's safetensors save writes. No pickle in the folder: safetensors shards and JSON."""
+    folder = tmp_path / "seed-0" / "pretrain.dcp"
+    folder.parent.mkdir()
+    # fork, not spawn: the ranks start with torch imported (9 s instead of 28 s here); each sets one intra-op
+    # thread first, as DataLoader's forked workers do, and the parent holds no process group
+    ctx = mp.start_processes(
+        _dcp_worker, args=(3, f"file://{tmp_path}/rdzv", str(folder)), nprocs=3, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + 240  # three torch processes on a loaded 2-core machine start slowly
+    while not ctx.join(timeout=5):
+        assert time.monotonic() < deadline, "the spawned ranks did not finish in 240 s"
+    state, best = dcp_tensors()
+    head = dcp.manifest(folder)
+    assert head["world_size"] == 2 and head["state_meta"] == DCP_META and head["best_meta"] == DCP_BEST_META
+    shards = sorted((folder / head["generation"]).iterdir())
+    assert len(shards) == 2 and all(p.suffix == ".safetensors" for p in shards), shards
+    assert sorted(p.name for p in folder.iterdir()) == [dcp.MANIFEST, head["generation"]]  # no temporary left
+    for path in shards:  # each rank wrote its rows of every table, not a copy of the whole
+        rows = load_file(path)
+        assert 0 < rows["user_emb"].shape[0] < N_USERS and 0 < rows["opt.v"].shape[0] < N_USERS + N_ITEMS
+    want = {**state, **{f"best.{k}": v for k, v in best.items()}}
+    for rank in range(3):
+        got = load_file(tmp_path / f"load{rank}.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), rank
+    one = dcp.load(folder, stage="pretrain-resume", fingerprint="fp")
+    assert one[1] == DCP_META and one[3] == DCP_BEST_META
+    for got, exp in ((one[0], state), (one[2], best)):
+        assert got.keys() == exp.keys() and all(torch.equal(got[k], exp[k]) for k in exp)
+    # consolidation: the two files one process writes, byte for byte; the DCP folder is then gone
+    out = tmp_path / "seed-0"
+    dcp.consolidate(folder, out / "pretrain.safetensors", out / "pretrain.resume.safetensors")
+    assert not folder.exists()
+    ckpt.save(tmp_path / "best.safetensors", best, DCP_BEST_META)
+    ckpt.save(tmp_path / "state.safetensors", state, DCP_META)
+    assert (out / "pretrain.safetensors").read_bytes() == (tmp_path / "best.safetensors").read_bytes()
+    assert (out / "pretrain.resume.safetensors").read_bytes() == (tmp_path / "state.safetensors").read_bytes()
+
+
+def test_a_dcp_state_of_another_run_or_damaged_is_refused_in_one_line(tmp_path):
+    """As a safetensors resume state is: another dataset or config, a changed byte, a missing shard; a DCP
+    folder in torch's default format (its .metadata is a pickle) is refused without being read."""
+    folder = tmp_path / "seed-0" / "pretrain.dcp"
+    state, best = dcp_tensors()
+    dcp.save(folder, distributed.SINGLE, state, DCP_META, best, DCP_BEST_META)  # one process: one shard file
+    checks = {"stage": "pretrain-resume", "fingerprint": "fp"}
+    assert torch.equal(dcp.load(folder, **checks)[0]["opt.v"], state["opt.v"])
+    with pytest.raises(CheckpointError, match=r"^checkpoint was trained on another dataset \(fingerprint differs\)"):
+        dcp.load(folder, **{**checks, "fingerprint": "other"})
+    with pytest.raises(CheckpointError, match=r"^checkpoint was made with other config \(dim differ\)"):
+        dcp.load(folder, **checks, expect={"config": {"dim": DIM + 1}})
+    with pytest.raises(CheckpointError, match=r"^DCP state was trained on another dataset than the run's"):
+        dcp.consolidate_run(tmp_path, fingerprint="other")
+    ckpt.save(folder.parent / "pretrain.resume.safetensors", state, DCP_META)  # saved after the DCP state
+    with pytest.raises(CheckpointError, match=r"^DCP state is older than pretrain.resume.safetensors"):
+        dcp.consolidate_run(tmp_path, fingerprint="fp")
+    assert (folder / dcp.MANIFEST).is_file()  # refused: nothing removed
+    (shard,) = (folder / dcp.manifest(folder)["generation"]).iterdir()
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 1
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"^corrupt DCP state \(content does not match its checksum\)"):
+        dcp.load(folder, **checks)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=r"^corrupt DCP state"):
+        dcp.load(folder, **checks)
+    torch_format = tmp_path / "seed-1" / "pretrain.dcp"
+    torch_format.mkdir(parents=True)
+    (torch_format / ".metadata").write_bytes(b"\x80\x04not read")
+    with pytest.raises(CheckpointError, match="torch's default format"):
+        dcp.load(torch_format, stage="pretrain-resume")
+
+
+def test_an_interrupted_torchrun_pretrain_resumes_in_one_process_or_consolidates(tiny_data, tmp_path):
+    """A 2-rank torchrun pretrain killed mid-run leaves a DCP state and no safetensors state; one process
+    resumes from it (and ends equal to an unbroken run within 1e-5), and `uclr consolidate` turns it into the
+    safetensors pair from which the one-process resume ends bit-equal; a state of another config is refused."""
+    args = (*PRETRAIN[:2], "--epochs", "40", *PRETRAIN[4:], "--patience", "100")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "--"]
+    cmd += ["uclr_cli", "pretrain", "--data", str(tiny_data), "--run", str(tmp_path / "two"), *args]
+    seed = tmp_path / "two" / "seed-0"
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as p:
+        try:
+            deadline = time.monotonic() + 120
+            while not (seed / "pretrain.dcp" / dcp.MANIFEST).is_file():
+                assert p.poll() is None and time.monotonic() < deadline, "no DCP state within 120 s"
+                time.sleep(0.01)
+        finally:  # the whole run stops here, ranks first (the agent would restart nothing: no --max-restarts)
+            for pid in _children(p.pid).values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            p.kill()
+    assert not (seed / "pretrain.resume.safetensors").exists() and not (seed / "pretrain.safetensors").exists()
+    epoch = dcp.manifest(seed / "pretrain.dcp")["state_meta"]["epoch"]
+    assert 1 <= epoch < 40, epoch
+    shutil.copytree(tmp_path / "two", tmp_path / "cons")
+    short = (*PRETRAIN[:2], "--epochs", str(epoch + 2), *PRETRAIN[4:], "--patience", "100")
+    assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / "one", *short).exit_code == 0
+    bad = run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / "two", "--dim", "4", *short[2:], "--resume")
+    assert bad.exit_code == 1
+    assert bad.stderr.strip() == f"error: checkpoint was made with other config (dim differ) ({seed / 'pretrain.dcp'})"
+    assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / "two", *short, "--resume").exit_code == 0
+    assert not (seed / "pretrain.dcp").exists()  # superseded by the one-process save
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*"))  # noqa: E731
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+    for name in ("pretrain.safetensors", "pretrain.resume.safetensors"):
+        one, two = (load_file(tmp_path / run / "seed-0" / name) for run in ("one", "two"))
+        assert one.keys() == two.keys()
+        assert all(torch.allclose(one[k].double(), two[k].double(), rtol=1e-5, atol=1e-5) for k in one), name
+    assert ckpt.read_header(seed / "pretrain.resume.safetensors")["epoch"] == epoch + 2
+    # before consolidation: the next stage says what to run, evaluate warns that the PGE it scores is older
+    r = run_cli("contrast", "--data", tiny_data, "--run", tmp_path / "cons", "--seeds", "0", "--epochs", "1")
+    cons = tmp_path / "cons" / "seed-0"
+    assert r.exit_code == 1 and r.stderr.strip() == (
+        "error: pretrain checkpoint is missing; an unfinished torchrun run left its DCP state: run `uclr "
+        f"consolidate` ({cons / 'pretrain.safetensors'})"
+    )
+    shutil.copy(tmp_path / "one" / "seed-0" / "pretrain.safetensors", cons)
+    r = run_cli("evaluate", "--data", tiny_data, "--run", tmp_path / "cons")
+    assert r.exit_code == 0 and (
+        f"warning: {cons}: an unfinished torchrun pretrain left pretrain.dcp; its PGE is older (`uclr consolidate` "
+        "writes it)" in " ".join(r.stderr.split())
+    ), r.stderr
+    r = run_cli("consolidate", "--run", tmp_path / "cons")
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.startswith("seed-0: wrote pretrain.safetensors and pretrain.resume.safetensors from pretrain.dcp")
+    assert not (tmp_path / "cons" / "seed-0" / "pretrain.dcp").exists()
+    assert ckpt.read_header(tmp_path / "cons" / "seed-0" / "pretrain.resume.safetensors")["epoch"] == epoch
+    again = run_cli("consolidate", "--run", tmp_path / "cons")
+    assert again.exit_code == 1 and "no DCP state to consolidate" in again.stderr
+    assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / "cons", *short, "--resume").exit_code == 0
+    for name in ("pretrain.safetensors", "pretrain.resume.safetensors"):
+        two, cons = (load_file(tmp_path / run / "seed-0" / name) for run in ("two", "cons"))
+        assert two.keys() == cons.keys() and all(torch.equal(two[k], cons[k]) for k in two), name
+
+
+def test_a_data_parallel_resume_from_safetensors_carries_the_best_tables_into_its_dcp_saves(tiny_data, tmp_path):
+    """Every DCP state holds the best tables, so a data-parallel run that resumes from the safetensors pair
+    takes them from pretrain.safetensors (when it is the best epoch the state records); one process does not
+    (its best file stays where it is). No collective is involved in reading a safetensors state."""
+    from uclr_cli import loop
+    from uclr_cli.config import PretrainConfig
+    from uclr_cli.data.dataset import load_prepared
+    from uclr_cli.stages import pretrain
+
+    assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path, *PRETRAIN).exit_code == 0
+    cfg = PretrainConfig(dim=8, epochs=3, batch_size=100, seeds=[0], save_every=0)  # PRETRAIN's options
+    data = load_prepared(tiny_data)
+    config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
+    out = loop.Outputs.of(pretrain.STAGE, data, tmp_path, 0, "pretrain.safetensors", config)
+    saved = load_file(tmp_path / "seed-0" / "pretrain.safetensors")
+    for world, carried in ((distributed.World(0, 2), True), (distributed.SINGLE, False)):
+        sched, gen = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every), torch.Generator()
+        t, best = out.resume(sched, gen, world)
+        assert t is not None and sched.start == 4
+        if not carried:
+            assert best is None
+            continue
+        tables, epoch = best
+        assert epoch == sched.best_epoch > 0
+        assert tables.keys() == saved.keys() and all(torch.equal(tables[k], saved[k]) for k in saved)

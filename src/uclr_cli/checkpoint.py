@@ -143,6 +143,29 @@ def load(
     """
     path = Path(path)
     meta = read_header(path)
+    check_meta(meta, path, stage=stage, fingerprint=fingerprint, expect=expect, may_differ=may_differ)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"corrupt checkpoint ({str(e).splitlines()[0][:80]})", path) from None
+    if DIGEST in meta:
+        if content_digest(tensors, _raw_metadata(path)) != meta[DIGEST]:
+            raise CheckpointError("corrupt checkpoint (content does not match its checksum)", path)
+    check_finite(tensors, path)
+    return Tensors(tensors, path), meta
+
+
+def check_meta(
+    meta: dict,
+    path: Path,
+    *,
+    stage: str,
+    fingerprint: str | None = None,
+    expect: dict | None = None,
+    may_differ: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    """Refuse decoded checkpoint metadata of another format, stage, dataset, seed folder or ``expect``ed value
+    (:func:`load`'s checks, also those of a DCP state's manifest), in one line naming ``path``."""
     if str(meta.get("format_version")) != FORMAT_VERSION:
         raise CheckpointError(f"unsupported checkpoint format {meta.get('format_version')!r}", path)
     if meta.get("stage") != stage:
@@ -168,15 +191,6 @@ def load(
                 f"checkpoint was made from another {key[: -len('_sha256')]} checkpoint ({key} differs)", path
             )
         raise CheckpointError(f"checkpoint has {key}={got!r}, expected {want!r}", path)
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"corrupt checkpoint ({str(e).splitlines()[0][:80]})", path) from None
-    if DIGEST in meta:
-        if content_digest(tensors, _raw_metadata(path)) != meta[DIGEST]:
-            raise CheckpointError("corrupt checkpoint (content does not match its checksum)", path)
-    check_finite(tensors, path)
-    return Tensors(tensors, path), meta
 
 
 #: Tensors that may hold -inf: log u of users the contrastive moving average has not seen yet (log 0).

@@ -87,6 +87,8 @@ class World:
 
     rank: int = 0
     size: int = 1
+    #: The process group of these ranks; None: the default group (every process torchrun started).
+    group: object = None
 
     @property
     def main(self) -> bool:
@@ -104,7 +106,7 @@ class World:
         """Sum ``t`` over the ranks, in place (every rank gets the same bits); returns ``t``."""
         if self.size > 1:
             try:
-                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=self.group)
             except RuntimeError as e:  # gloo/NCCL: a peer gone (connection reset) or the timeout passed
                 reason = str(e).split("] ", 1)[-1].split(". ")[0][:120]
                 raise TrainingError(
@@ -112,6 +114,13 @@ class World:
                     "distributed training",
                 ) from None
         return t
+
+    def rank0s(self, flag: bool, device: torch.device | str = "cpu") -> bool:
+        """Rank 0's ``flag`` on every rank: for a decision the ranks must take together that they may not
+        take alike on their own (one on a clock: when to write a collective checkpoint)."""
+        if self.size == 1:
+            return flag
+        return bool(self.sum_(torch.tensor([1.0 if flag and self.main else 0.0], device=device))[0] > 0)
 
     def sum_grads(self, params: list[torch.Tensor]) -> None:
         """Sum the parameters' gradients over the ranks (a rank without gradient adds zeros)."""

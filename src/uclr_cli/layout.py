@@ -5,6 +5,7 @@
                             finetune-<domain>.safetensors, baseline-<model>-<domain>.safetensors,
                             baseline-cat-art-cat.safetensors (CAT-ART's CAT)
                             and a ``*.resume.safetensors`` beside each
+                            (pretrain under torchrun, until it ends: ``pretrain.dcp/``, see dcp.py)
 
 Fixed names, no timestamps (docs/design.md §5). A seed folder is ``seed-<s>``
 with ``s`` written in canonical decimal: ``seed-01`` is not the folder of seed
@@ -91,3 +92,8 @@ def baseline_name(kind: str, domain: str) -> str:
 def resume_name(name: str) -> str:
     """The resume state that goes with a checkpoint name."""
     return name.replace(".safetensors", ".resume.safetensors")
+
+
+def dcp_name(name: str) -> str:
+    """The DCP state folder of a checkpoint name (both of its files while data-parallel: :mod:`uclr_cli.dcp`)."""
+    return name.replace(".safetensors", ".dcp")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from uclr_cli import checkpoint as ckpt
-from uclr_cli import layout
+from uclr_cli import dcp, distributed, layout
 from uclr_cli.data.dataset import Dataset, EvalSplit
 from uclr_cli.errors import CheckpointError, ConfigError, DataError, TrainingError
 from uclr_cli.metrics import rank_candidates, summarize
@@ -113,6 +113,10 @@ def base_meta(stage: str, data: Dataset, seed: int, config: dict, **extra) -> di
 
 def require(path: Path, what: str) -> Path:
     if not Path(path).is_file():
+        if Path(path).with_name(layout.dcp_name(Path(path).name)).is_dir():
+            raise DataError(
+                f"{what} is missing; an unfinished torchrun run left its DCP state: run `uclr consolidate`", path
+            )
         raise DataError(f"{what} is missing (run `uclr {what.split()[0]}` for this seed first)", path)
     return path
 
@@ -247,37 +251,112 @@ class Outputs:
     state: Path
     meta: dict = field(default_factory=dict)
 
+    @property
+    def dcp(self) -> Path:
+        """The DCP state folder (both files, row-sharded) that data-parallel runs save until they end."""
+        return self.best.with_name(layout.dcp_name(self.best.name))
+
     @classmethod
     def of(cls, stage: str, data: Dataset, run_dir: Path, seed: int, name: str, config: dict) -> Outputs:
         folder = layout.seed_dir(run_dir, seed)
         return cls(stage, data, seed, config, folder / name, folder / layout.resume_name(name))
 
     def save_best(self, tensors: dict[str, torch.Tensor], epoch: int, best: float) -> None:
-        meta = base_meta(self.stage, self.data, self.seed, self.config, epoch=epoch, best_score=best, **self.meta)
-        ckpt.save(self.best, tensors, meta)
+        ckpt.save(self.best, tensors, self._best_meta(epoch, best))
+
+    def _best_meta(self, epoch: int, best: float) -> dict:
+        return base_meta(self.stage, self.data, self.seed, self.config, epoch=epoch, best_score=best, **self.meta)
+
+    def _state_meta(self, sched: Schedule, epoch: int, done: bool) -> dict:
+        meta = base_meta(self.stage + "-resume", self.data, self.seed, self.config, **sched.meta(epoch, done))
+        return {**meta, **self.meta}
 
     def load_state(self, sched: Schedule, gen: torch.Generator, expect: dict | None = None) -> dict[str, torch.Tensor]:
         """Read the resume state (checked: stage, dataset, seed, config but the settings a resume may change,
         and ``expect``), restore ``sched`` and ``gen``; the stage restores its own tensors from the result."""
-        t, meta = ckpt.load(
-            self.state,
-            stage=self.stage + "-resume",
-            fingerprint=self.data.fingerprint,
-            expect={"config": self.config, "seed": self.seed, **(expect or {})},
-            may_differ={"config": ckpt.RESUME_MAY_DIFFER},
-        )
-        if "rng" not in t:
-            raise CheckpointError("resume state has no generator state (tensor 'rng')", self.state)
-        sched.restore(meta)
-        gen.set_state(t["rng"].to(torch.uint8))
+        t, meta = ckpt.load(self.state, **self._checks(expect))
+        self._restore(t, meta, sched, gen, self.state)
         return t
+
+    def _checks(self, expect: dict | None) -> dict:
+        """What a resume state's header must match (both kinds: safetensors file, DCP manifest)."""
+        return {
+            "stage": self.stage + "-resume",
+            "fingerprint": self.data.fingerprint,
+            "expect": {"config": self.config, "seed": self.seed, **(expect or {})},
+            "may_differ": {"config": ckpt.RESUME_MAY_DIFFER},
+        }
+
+    def _restore(self, t: dict, meta: dict, sched: Schedule, gen: torch.Generator, path: Path) -> None:
+        if "rng" not in t:
+            raise CheckpointError("resume state has no generator state (tensor 'rng')", path)
+        sched.restore(meta)
+        gen.set_state(t["rng"].cpu().to(torch.uint8))
+
+    def newest_state(self) -> Path | None:
+        """The resume state to continue from: ``state`` or the DCP folder, whichever was saved last (a save of
+        one kind removes the other, so both exist only after a kill in between); None when there is none."""
+        found = [(dcp.saved_at(self.dcp), self.dcp)] if (self.dcp / dcp.MANIFEST).is_file() else []
+        if self.state.is_file():
+            found.append((self.state.stat().st_mtime, self.state))
+        return max(found)[1] if found else None
+
+    def resume(
+        self, sched: Schedule, gen: torch.Generator, world: distributed.World, expect: dict | None = None
+    ) -> tuple[dict[str, torch.Tensor] | None, tuple[dict[str, torch.Tensor], int] | None]:
+        """Read the newest resume state at this world size (:meth:`load_state`, or a DCP state on every rank
+        collectively): ``(tensors, best)``, ``(None, None)`` when there is none. ``best``: the best checkpoint
+        as ``(tables, epoch)`` when the stage must carry it on (a DCP state holds it, and every save of a
+        data-parallel run writes it), else None."""
+        source = self.newest_state()
+        if source is None:
+            return None, None
+        if source == self.dcp:
+            t, meta, best, best_meta = dcp.load(self.dcp, world, gen.device, **self._checks(expect))
+            self._restore(t, meta, sched, gen, self.dcp)
+            return t, (dict(best), best_meta["epoch"]) if best is not None else None
+        t = self.load_state(sched, gen, expect)
+        if world.size == 1 or sched.best_epoch == 0 or not self.best.is_file():
+            return t, None
+        b, meta = ckpt.load(self.best, stage=self.stage, fingerprint=self.data.fingerprint)
+        if meta.get("epoch") != sched.best_epoch:  # not the best the state records: the next improvement is
+            return t, None
+        return t, ({k: v.to(gen.device) for k, v in b.items()}, sched.best_epoch)
+
+    def save(
+        self,
+        sched: Schedule,
+        epoch: int,
+        done: bool,
+        tensors: dict[str, torch.Tensor],
+        gen: torch.Generator,
+        best: tuple[dict[str, torch.Tensor], int] | None,
+        world: distributed.World = distributed.SINGLE,
+    ):
+        """Save after ``epoch``: the best checkpoint ``best`` (tables, epoch) if given, and the resume state.
+
+        One process, and a data-parallel run's last save: the safetensors pair (rank 0), and a DCP state
+        this supersedes is removed. A data-parallel run before its end: one DCP state that holds both,
+        written by every rank. Returns what the stage keeps as ``best``: None once written, but a
+        data-parallel run keeps it, since every DCP state carries it."""
+        if world.size > 1 and not done:
+            best_meta = None if best is None else self._best_meta(best[1], sched.best)
+            state = {**tensors, "rng": gen.get_state()}
+            dcp.save(self.dcp, world, state, self._state_meta(sched, epoch, done), best and best[0], best_meta)
+            return best
+        if world.main:
+            if best is not None:
+                self.save_best(*best, sched.best)
+            self.save_state(sched, epoch, done, tensors, gen)
+            if self.dcp.exists():
+                dcp.remove(self.dcp)
+        return best if world.size > 1 else None
 
     def save_state(
         self, sched: Schedule, epoch: int, done: bool, tensors: dict[str, torch.Tensor], gen: torch.Generator
     ) -> None:
         """Write the resume state after ``epoch``: the stage's tensors, the generator and the schedule."""
-        meta = base_meta(self.stage + "-resume", self.data, self.seed, self.config, **sched.meta(epoch, done))
-        ckpt.save(self.state, {**tensors, "rng": gen.get_state()}, {**meta, **self.meta})
+        ckpt.save(self.state, {**tensors, "rng": gen.get_state()}, self._state_meta(sched, epoch, done))
 
 
 def restore(tensors: dict[str, torch.Tensor], into: dict[str, torch.Tensor], path: Path) -> None:

@@ -9,6 +9,7 @@ from uclr_cli.cli import (
     ablate,
     baseline,
     common,
+    consolidate,
     contrast,
     evaluate,
     export,
@@ -55,6 +56,7 @@ app.command("contrast")(contrast.contrast)
 app.command("finetune")(finetune.finetune)
 app.command("ablate")(ablate.ablate)
 app.add_typer(baseline.app, name="baseline")
+app.command("consolidate")(consolidate.consolidate)
 app.command("evaluate")(evaluate.evaluate)
 app.command("recommend")(recommend.recommend)
 app.command("export")(export.export)

@@ -244,6 +244,11 @@ def run(
     # Which seeds hold what; a seed without any checkpoint is skipped (e.g. an interrupted run).
     plan: list[tuple[int, Path, list[str]]] = []
     for s, sdir in seeds:
+        if (sdir / layout.dcp_name(layout.PRETRAIN)).is_dir():  # PGE's newest state is not in pretrain.safetensors
+            warnings.append(
+                f"{sdir}: an unfinished torchrun pretrain left {layout.dcp_name(layout.PRETRAIN)}; its PGE is "
+                f"{'older' if (sdir / layout.PRETRAIN).is_file() else 'missing'} (`uclr consolidate` writes it)"
+            )
         have = trained.available(sdir, data)
         if variants is not None:
             have = [v for v in have if v in variants]

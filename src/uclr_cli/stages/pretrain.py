@@ -11,7 +11,8 @@ row and a learned bias in every item row, so a score is still a dot product.
 Early stopping on validation NDCG@10 averaged over domains; the best epoch is
 what is saved. Under ``torchrun`` the loop is data-parallel (``world``,
 :mod:`uclr_cli.distributed`): each rank trains on its share of every global
-batch, the gradients are summed, and rank 0 writes.
+batch, the gradients are summed; every rank writes its rows of each save's DCP
+state (:mod:`uclr_cli.dcp`), and rank 0 writes the safetensors files at the end.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def run_seed(
     progress: loop.Progress | None = None,
     world: distributed.World = distributed.SINGLE,
 ) -> loop.SeedResult:
-    """Train one seed; writes ``seed-<s>/pretrain.safetensors`` (best on valid; rank 0 of ``world`` only)."""
+    """Train one seed; writes ``seed-<s>/pretrain.safetensors`` (best on valid; rank 0 of ``world`` only, and
+    until the end ``seed-<s>/pretrain.dcp`` with every rank)."""
     device = distributed.device_for(loop.resolve_device(cfg.device))
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
     out = loop.Outputs.of(STAGE, data, run_dir, seed, layout.PRETRAIN, config)
@@ -116,19 +118,23 @@ def run_seed(
         return opt.state_tensors() if rowwise and gcn is None else torch_optimizer_tensors(opt, names)
 
     sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
-    if resume and out.state.is_file():
-        t = out.load_state(sched, gen)
-        loop.restore(t, weights(), out.state)
-        if rowwise and gcn is None:
-            opt.load_state_tensors(t)
-        else:
-            load_torch_optimizer_tensors(opt, names, t)
+    # best: the best tables on validation and their epoch, until written (one process); a data-parallel run
+    # keeps them, since each of its DCP states holds them (loop.Outputs.save)
+    best = None
+    if resume:  # the newest resume state: the safetensors file, or the DCP state of a data-parallel run
+        t, best = out.resume(sched, gen, world)
+        if t is not None:
+            loop.restore(t, weights(), t.path)
+            if rowwise and gcn is None:
+                opt.load_state_tensors(t)
+            else:
+                load_torch_optimizer_tensors(opt, names, t)
 
     n = len(tu)
     # The best tables and the resume state are written together, at most every cfg.save_every seconds (and
     # at the end): at the Amazon shape they are ~200 MB an epoch, as long as a GPU epoch. A kill resumes
-    # from the last write, so the two files always agree.
-    pending_best, last_save = None, loop.Timer()
+    # from the last write, so the two always agree. Under torchrun: one DCP state, each rank its rows.
+    last_save = loop.Timer()
     for epoch in sched.epochs_to_run():
         t0 = loop.Timer()
         perm = torch.randperm(n, generator=gen, device=device)
@@ -164,14 +170,11 @@ def run_seed(
 
         with torch.no_grad():
             score, improved = sched.validate(epoch, lambda: loop.valid_scores(data, *tables().values(), data.valid))
-        if improved and world.main:
-            pending_best = ({k_: v.clone() for k_, v in tables().items()}, epoch)
+        if improved:
+            best = ({k_: v.clone() for k_, v in tables().items()}, epoch)
         done = sched.done(epoch)
-        if world.main and (done or last_save.elapsed() >= cfg.save_every):
-            if pending_best is not None:
-                out.save_best(*pending_best, sched.best)
-                pending_best = None
-            out.save_state(sched, epoch, done, {**weights(), **opt_tensors()}, gen)
+        if world.rank0s(done or last_save.elapsed() >= cfg.save_every, device):  # a DCP save takes every rank
+            best = out.save(sched, epoch, done, {**weights(), **opt_tensors()}, gen, best, world)
             last_save = loop.Timer()
         if progress:
             progress(sched.event(STAGE, seed, epoch, epoch_loss, score))
