@@ -44,7 +44,7 @@ def test_two_ranks_equal_one_process_fp64_sgd(tmp_path):
     """Rank 0 and 1 end bit-identical; both equal one process up to the order of additions (float64:
     relative error below 1e-12; a per-rank negative draw or a local mean is off by 1e-3 and more)."""
     ctx = mp.start_processes(
-        _worker, args=(2, f"file://{tmp_path}/rdzv", str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+        _worker, args=(2, f"file://{tmp_path}/rdzv", str(tmp_path)), nprocs=2, join=False, start_method="fork"
     )
     deadline = time.monotonic() + 240  # generous: a loaded 2-core machine spawns two torch processes slowly
     while not ctx.join(timeout=5):
