@@ -1,8 +1,9 @@
 """`uclr baseline NAME`: the paper's Table 2 baselines per domain and seed, scored by `uclr evaluate`.
 
 Single-domain BPRMF, NeuMF and LightGCN (options: BaselineConfig), and the
-cross-domain CAT-ART (options: CatArtConfig); each NAME is a subcommand, so
-its help lists only the options it reads.
+cross-domain CAT-ART (options: CatArtConfig) and GA-MTCDR (options:
+GaMtcdrConfig); each NAME is a subcommand, so its help lists only the options
+it reads.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import typer
 
 from uclr_cli import registry
 from uclr_cli.cli import common, options, training
-from uclr_cli.config import BASELINE_DEFAULTS, BaselineConfig, CatArtConfig
+from uclr_cli.config import BASELINE_DEFAULTS, BaselineConfig, CatArtConfig, GaMtcdrConfig
 from uclr_cli.errors import ConfigError
 from uclr_cli.stages import baseline as stage
-from uclr_cli.stages import cat_art
+from uclr_cli.stages import cat_art, ga_mtcdr
 
 
 class BaselineGroup(common.UclrGroup):
@@ -85,3 +86,25 @@ def cat_art_command(
     for name_ in (cat_art.MF, cat_art.ART):  # CAT has no ranking to report
         rows = [r for r in results if r.stage.split()[0] == name_]
         training.print_summary(name_, training.merge_domains(rows), ds.domains)
+
+
+@app.command("ga-mtcdr")
+@options.from_model(GaMtcdrConfig)
+def ga_mtcdr_command(
+    flags,
+    seed: options.Seed = None,
+    resume: options.Resume = False,
+    config: options.Config = None,
+) -> None:
+    """Train GA-MTCDR (Zhu et al., TKDE 2023), interaction-only variant (no text side-information): DeepWalk +
+    skip-gram per domain, then element-wise attention and towers per target, trained round-robin."""
+    cfg, ds, run_dir = training.resolve(GaMtcdrConfig, flags, config, seed)
+    domains = training.chosen_domains(cfg.domain, ds)
+    training.write_config(run_dir, ga_mtcdr.TARGET, cfg, ds)
+    results = training.run_seeds(
+        ga_mtcdr.TARGET,
+        cfg.seeds,
+        lambda s, rep: ga_mtcdr.run_seed(cfg, ds, run_dir, s, domains, resume=resume, progress=rep),
+    )
+    rows = [r for r in results if r.stage.split()[0] == ga_mtcdr.TARGET]  # the walks have no model to report
+    training.print_summary(ga_mtcdr.TARGET, training.merge_domains(rows), ds.domains)
