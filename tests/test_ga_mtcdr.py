@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, uclr_process
 from test_baselines import random_ndcg, two_groups
+from test_reliability import same_tensors, wait_for
 from test_resume import kill_and_resume
 from uclr_cli import checkpoint as ckpt
 from uclr_cli import layout
@@ -35,8 +37,8 @@ FAST = dict(
     sg_epochs=2,
     epochs=6,
     patience=3,
-    lr=0.003,
-    batch_size=512,
+    lr=0.005,
+    batch_size=1024,
     device="cpu",
 )
 
@@ -81,7 +83,7 @@ def test_walk_vectors_and_model_beat_random_clearly(data, trained):
 def test_hand_made_two_groups(tmp_path):
     """Two groups of users with disjoint items: the walks never cross groups, the model ranks the held item first."""
     hand = two_groups()
-    cfg = GaMtcdrConfig(**{**FAST, "walks_per_node": 10, "epochs": 40, "patience": 40, "lr": 0.01, "batch_size": 64})
+    cfg = GaMtcdrConfig(**{**FAST, "walks_per_node": 10, "epochs": 12, "patience": 12, "lr": 0.01, "batch_size": 64})
     res = by_stage(ga.run_seed(cfg, hand, tmp_path, 0, ["b"]), ga.TARGET)["b"]
     model = tr.load_baseline(tmp_path / "seed-0", "ga-mtcdr", hand, "b", CPU)
     v = hand.valid["b"]
@@ -245,6 +247,28 @@ def test_kill_and_resume_bit_identical(data, trained, tmp_path, stage):
 
     files = [n for n in names if n != layout.GA_MTCDR_JOINT] + [layout.resume_name(n) for n in names[-1:]]
     kill_and_resume(train, tmp_path / "ref", tmp_path / "cut", files)
+
+
+@pytest.mark.slow  # ~17 s on 2 busy cores: three child processes; the in-process kill above runs by default
+def test_sigkill_in_the_joint_stage_then_resume_equals_an_unbroken_run(tiny_data, tmp_path):
+    """A real SIGKILL of `uclr baseline ga-mtcdr` once the joint stage has saved an epoch; `--resume` finishes it
+    with the tensors of an unbroken run (both in child processes, one thread each)."""
+    args = ["baseline", "ga-mtcdr", "--data", tiny_data, "--dim", "8", "--walks-per-node", "2", "--walk-length", "6"]
+    args += ["--window", "2", "--epochs", "4", "--patience", "10", "--batch-size", "1024", "--device", "cpu"]
+    ref = uclr_process(*args, "--run", tmp_path / "ref", cwd=tmp_path)
+    cut = tmp_path / "cut"
+    p = uclr_process(*args, "--run", cut, cwd=tmp_path)
+    state = cut / "seed-0" / layout.resume_name(layout.GA_MTCDR_JOINT)
+    wait_for(lambda: state.exists() or p.poll() is not None)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert state.exists() and not ckpt.read_header(state)["done"], "the kill came too late; make the run longer"
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    p = uclr_process(*args, "--run", cut, "--resume", cwd=tmp_path)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    names = [layout.baseline_name(k, d) for k in ("ga-mtcdr-walk", "ga-mtcdr") for d in ("books", "movies", "music")]
+    for name in [*names, layout.resume_name(layout.GA_MTCDR_JOINT)]:
+        assert same_tensors(tmp_path / "ref" / "seed-0" / name, cut / "seed-0" / name), name
 
 
 def test_load_refuses_other_stage_dataset_and_walks(data, trained, tmp_path):
