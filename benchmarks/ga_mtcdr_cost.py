@@ -26,24 +26,19 @@ from uclr_cli.stages import ga_mtcdr as ga
 from uclr_cli.trained import build_baseline
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("data", type=Path)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--dim", type=int, default=128)
-    a = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    data = load_prepared(a.data)
-    cfg = GaMtcdrConfig(dim=a.dim, device="cpu")
-    print(f"{a.data}: {data.n_users:,} users, domains {data.domains}, threads {torch.get_num_threads()}")
+def measure(data, rounds: int = 2, steps: int = 20, dim: int = 128, domains=None, say=print) -> dict[str, float]:
+    """Seconds per skip-gram epoch (per domain, at the default walks per node) and per joint epoch (all targets)."""
+    cfg = GaMtcdrConfig(dim=dim, device="cpu")
     gen = loop.generator(torch.device("cpu"), 0, 0)
+    found: dict[str, float] = {}
     for d, dom in enumerate(data.domains):
+        if domains is not None and dom not in domains:
+            continue
         g = ga.domain_graph(data, d, "cpu")
         sg = SkipGram(g.n_nodes, cfg.dim, g.degree)
         starts_all = g.nodes_with_edges()
         t0, pairs = time.perf_counter(), 0
-        for _ in range(a.rounds):
+        for _ in range(rounds):
             starts = starts_all[torch.randperm(len(starts_all), generator=gen)]
             for s in range(0, len(starts), ga.WALK_CHUNK):
                 walks = random_walks(g, starts[s : s + ga.WALK_CHUNK], cfg.walk_length, gen)
@@ -54,11 +49,12 @@ def main() -> None:
                     cc, oo = c[b : b + cfg.sg_batch_size], o[b : b + cfg.sg_batch_size]
                     sg.step(cc, oo, sg.negatives((len(cc), cfg.sg_negatives), gen), 0.025)
                 pairs += len(c)
-        sec = (time.perf_counter() - t0) / a.rounds
+        sec = (time.perf_counter() - t0) / rounds
         epoch = sec * cfg.walks_per_node
-        print(
-            f"skip-gram {dom}: {g.n_nodes:,} nodes ({len(starts_all):,} with edges), {pairs / a.rounds:,.0f} pairs "
-            f"per round, {pairs / a.rounds / sec:,.0f} pairs/s, {sec:.2f} s per round -> {epoch:,.0f} s "
+        found[f"skip-gram {dom}"] = epoch
+        say(
+            f"skip-gram {dom}: {g.n_nodes:,} nodes ({len(starts_all):,} with edges), {pairs / rounds:,.0f} pairs "
+            f"per round, {pairs / rounds / sec:,.0f} pairs/s, {sec:.2f} s per round -> {epoch:,.0f} s "
             f"({epoch / 3600:.2f} h) per epoch at {cfg.walks_per_node} walks per node"
         )
     # stage 2: the joint model's steps
@@ -81,7 +77,7 @@ def main() -> None:
         sel = data.train_domain == d
         tu, ti = data.train_user[sel], data.train_item[sel] - data.item_offsets[d]
         t0 = time.perf_counter()
-        for _ in range(a.steps):
+        for _ in range(steps):
             b = torch.randint(len(tu), (per_step,), generator=gen)
             u = tu[b]
             uu = u.repeat_interleave(cfg.n_negatives)
@@ -91,11 +87,25 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        sec = (time.perf_counter() - t0) / a.steps
-        steps = math.ceil(len(tu) / per_step)
-        total += sec * steps
-        print(f"joint {dom}: {len(tu):,} train rows, {steps:,} steps per epoch, {sec:.3f} s per step")
-    print(f"joint: {total:,.0f} s ({total / 60:.1f} min) per epoch over all targets (training only)")
+        sec = (time.perf_counter() - t0) / steps
+        n_steps = math.ceil(len(tu) / per_step)
+        total += sec * n_steps
+        say(f"joint {dom}: {len(tu):,} train rows, {n_steps:,} steps per epoch, {sec:.3f} s per step")
+    found["joint"] = total
+    say(f"joint: {total:,.0f} s ({total / 60:.1f} min) per epoch over all targets (training only)")
+    return found
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--dim", type=int, default=128)
+    a = ap.parse_args()
+    data = load_prepared(a.data)
+    print(f"{a.data}: {data.n_users:,} users, domains {data.domains}, threads {torch.get_num_threads()}")
+    measure(data, a.rounds, a.steps, a.dim)
 
 
 if __name__ == "__main__":

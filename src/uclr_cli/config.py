@@ -497,9 +497,9 @@ class GaMtcdrConfig(TrainConfig):
     dim: StrictInt = Field(128, ge=1, description="Embedding size K (node vectors, projections, tower output).")
     walk_length: StrictInt = Field(30, ge=2, le=1000, description="Walks: nodes per walk (the original's 30).")
     walks_per_node: StrictInt = Field(
-        100,
+        10,
         ge=1,
-        description="Walks: walks started from every node with edges, per skip-gram epoch (the original's 100).",
+        description="Walks: walks from every node with edges, per skip-gram epoch (the original's 100; 10 for cost).",
     )
     window: StrictInt = Field(10, ge=1, description="Skip-gram: context window (the original's 10).")
     sg_negatives: StrictInt = Field(5, ge=1, le=100, description="Skip-gram: negatives per pair (word2vec's 5).")
