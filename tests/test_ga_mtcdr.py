@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import run_cli, uclr_process
 from test_baselines import random_ndcg, two_groups
+from test_cat_art import by_stage
 from test_reliability import same_tensors, wait_for
 from test_resume import kill_and_resume
 from uclr_cli import checkpoint as ckpt
@@ -57,10 +58,6 @@ def data(tiny_data):
 def trained(data, tmp_path_factory):
     run = tmp_path_factory.mktemp("ga-mtcdr")
     return run, ga.run_seed(GaMtcdrConfig(**FAST), data, run, 0, data.domains)
-
-
-def by_stage(results, stage):
-    return {r.extra["domain"]: r for r in results if r.stage.split()[0] == stage}
 
 
 # --------------------------------------------------------------------------- learning

@@ -75,17 +75,8 @@ def cat_art_command(
     config: options.Config = None,
 ) -> None:
     """Train CAT-ART (Li et al., WSDM 2023): BPR-MF per domain, the contrastive autoencoder CAT, ART per target."""
-    cfg, ds, run_dir = training.resolve(CatArtConfig, flags, config, seed)
-    domains = training.chosen_domains(cfg.domain, ds)
-    training.write_config(run_dir, cat_art.ART, cfg, ds)
-    results = training.run_seeds(
-        cat_art.ART,
-        cfg.seeds,
-        lambda s, rep: cat_art.run_seed(cfg, ds, run_dir, s, domains, resume=resume, progress=rep),
-    )
-    for name_ in (cat_art.MF, cat_art.ART):  # CAT has no ranking to report
-        rows = [r for r in results if r.stage.split()[0] == name_]
-        training.print_summary(name_, training.merge_domains(rows), ds.domains)
+    # CAT has no ranking to report
+    _cross_domain(CatArtConfig, cat_art.ART, cat_art.run_seed, (cat_art.MF, cat_art.ART), flags, config, seed, resume)
 
 
 @app.command("ga-mtcdr")
@@ -98,13 +89,19 @@ def ga_mtcdr_command(
 ) -> None:
     """Train GA-MTCDR (Zhu et al., TKDE 2023), interaction-only variant (no text side-information): DeepWalk +
     skip-gram per domain, then element-wise attention and towers per target, trained round-robin."""
-    cfg, ds, run_dir = training.resolve(GaMtcdrConfig, flags, config, seed)
+    # the walks have no model to report
+    _cross_domain(GaMtcdrConfig, ga_mtcdr.TARGET, ga_mtcdr.run_seed, (ga_mtcdr.TARGET,), flags, config, seed, resume)
+
+
+def _cross_domain(model, name: str, run_seed, reported: tuple[str, ...], flags, config, seed, resume) -> None:
+    """A cross-domain baseline: every seed's stages over all domains (targets: ``--domain``), then one summary
+    per stage in ``reported``."""
+    cfg, ds, run_dir = training.resolve(model, flags, config, seed)
     domains = training.chosen_domains(cfg.domain, ds)
-    training.write_config(run_dir, ga_mtcdr.TARGET, cfg, ds)
+    training.write_config(run_dir, name, cfg, ds)
     results = training.run_seeds(
-        ga_mtcdr.TARGET,
-        cfg.seeds,
-        lambda s, rep: ga_mtcdr.run_seed(cfg, ds, run_dir, s, domains, resume=resume, progress=rep),
+        name, cfg.seeds, lambda s, rep: run_seed(cfg, ds, run_dir, s, domains, resume=resume, progress=rep)
     )
-    rows = [r for r in results if r.stage.split()[0] == ga_mtcdr.TARGET]  # the walks have no model to report
-    training.print_summary(ga_mtcdr.TARGET, training.merge_domains(rows), ds.domains)
+    for stage_ in reported:
+        rows = [r for r in results if r.stage.split()[0] == stage_]
+        training.print_summary(stage_, training.merge_domains(rows), ds.domains)
