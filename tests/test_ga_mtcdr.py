@@ -370,6 +370,7 @@ def test_cli_trains_and_evaluate_recommend_export_use_it(tiny_data, tmp_path):
         (["--window", "0"], "window"),
         (["--layers", "2"], "No such option"),
         (["--domain", "games"], "unknown domain 'games'"),
+        (["--dim", "1000000"], "needs at least"),  # towers of 84 K^2 weights: refused before any work
     ],
 )
 def test_cli_bad_input_is_one_line(tiny_data, tmp_path, args, text):
