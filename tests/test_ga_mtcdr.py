@@ -75,6 +75,8 @@ def test_walk_vectors_and_model_beat_random_clearly(data, trained):
         # the checkpoint evaluate reads scores what the stage reported
         model = tr.load_baseline(run / "seed-0", "ga-mtcdr", data, d, CPU)
         assert tr.baseline_valid_score(model, data, d) == pytest.approx(target[d].best_score, abs=1e-6)
+    # the joint run's seconds are shared by its target rows (a summary adding them shows the run's time once)
+    assert len({r.seconds for r in target.values()}) == 1
 
 
 def test_hand_made_two_groups(tmp_path):
