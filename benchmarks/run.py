@@ -313,13 +313,30 @@ def bench_baselines(work: Path, quick: bool) -> None:
     d = "books"
     n = int((data.train_domain == data.domain_index(d)).sum())
     for name in registry.BASELINES:
-        if name == "cat-art":
-            continue  # its three stages: bench_cat_art
+        if name in ("cat-art", "ga-mtcdr"):
+            continue  # their stages: bench_cat_art, bench_ga_mtcdr
         speeds = []  # training only (the epoch's validation is not timed); the faster of 2 epochs
         cfg = BaselineConfig(model=name, epochs=2, device="cpu")  # defaults: m=128, batch 2048, 4 negatives, 3 layers
         baseline.run_domain(cfg, data, work / "bench-baselines", 0, d, progress=lambda e: speeds.append(n / e.epoch_s))
         row(f"baseline {name} {d}, s/epoch ({n:,} train rows)", f"{n / max(speeds):.2f} s")
     bench_cat_art(data, work)
+    bench_ga_mtcdr(data)
+
+
+def bench_ga_mtcdr(data) -> None:
+    """GA-MTCDR at the Amazon shape, defaults (K=128): one walk round of books' skip-gram and 10 joint steps per
+    target, extrapolated to an epoch (a full default epoch takes hours here: docs/training.md)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ga_mtcdr_cost import measure
+    from uclr_cli.config import GaMtcdrConfig
+
+    walks = GaMtcdrConfig().walks_per_node
+    found = measure(data, rounds=1, steps=10, domains=["books"], say=lambda _line: None)
+    row(
+        f"baseline ga-mtcdr skip-gram books, s/epoch ({walks} walks per node, estimated)",
+        f"{found['skip-gram books']:.0f} s",
+    )
+    row("baseline ga-mtcdr joint, s/epoch over all targets (estimated from 10 steps each)", f"{found['joint']:.0f} s")
 
 
 def bench_cat_art(data, work: Path) -> None:

@@ -485,6 +485,39 @@ class CatArtConfig(TrainConfig):
     dropout: StrictFloat = Field(0.1, ge=0, lt=1, description="ART: dropout on the attention weights.")
 
 
+class GaMtcdrConfig(TrainConfig):
+    """GA-MTCDR (Zhu et al., TKDE 2023), interaction-only: DeepWalk + skip-gram per domain (frozen), then one joint
+    model of every target domain (element-wise attention over the domains' user vectors, towers, cosine).
+
+    ``epochs``, ``patience``, ``lr`` and ``batch_size`` are those of the joint model, stopped early on validation
+    NDCG@10 averaged over the target domains; the graph embedding has its own (``walk_*``, ``sg_*``).
+    """
+
+    domain: str = Field("all", description="Target domains trained and written: a domain name, or all.")
+    dim: StrictInt = Field(128, ge=1, description="Embedding size K (node vectors, projections, tower output).")
+    walk_length: StrictInt = Field(30, ge=2, le=1000, description="Walks: nodes per walk (the original's 30).")
+    walks_per_node: StrictInt = Field(
+        10,
+        ge=1,
+        description="Walks: walks from every node with edges, per skip-gram epoch (the original's 100; 10 for cost).",
+    )
+    window: StrictInt = Field(10, ge=1, description="Skip-gram: context window (the original's 10).")
+    sg_negatives: StrictInt = Field(5, ge=1, le=100, description="Skip-gram: negatives per pair (word2vec's 5).")
+    sg_epochs: StrictInt = Field(1, ge=0, description="Skip-gram: passes over the walks (word2vec's default is 5).")
+    sg_lr: StrictFloat = Field(
+        0.025, gt=0, description="Skip-gram: SGD learning rate, decayed linearly to 1e-4 of it (word2vec's)."
+    )
+    sg_batch_size: StrictInt = Field(8192, ge=1, description="Skip-gram: (centre, context) pairs per SGD step.")
+    n_negatives: StrictInt = Field(7, ge=1, le=1000, description="Uniform negatives per positive (the original's 7).")
+    batch_size: StrictInt = Field(
+        4096, ge=2, description="Pairs per step, positives and their negatives together (the original's 4096)."
+    )
+    epochs: StrictInt = Field(50, ge=0, description="Maximum epochs (the original's 50).")
+    patience: StrictInt = Field(5, ge=1, description=PATIENCE_HELP)
+    # the original's 1e-3 * (l2_loss(u) + l2_loss(i)) on a summed loss, as our λ·mean of squared norms
+    reg: StrictFloat = Field(5e-4, ge=0, description="L2 weight on the pairs' tower outputs.")
+
+
 def _non_empty_path(p: Path | None, key: str) -> None:
     if p is not None and str(p).strip() in ("", "."):
         raise ValueError(f"{key} needs a file name")

@@ -86,6 +86,12 @@ def estimate(cfg: cfgmod.StageConfig, data, run_dir: Path | None = None, dim: in
         widest = max(data.item_offsets[d + 1] - data.item_offsets[d] for d in range(len(data.domains)))
         tables = (len(data.domains) * users + widest) * cfg.dim * FLOAT * 6
         return Need(tables, "dim", f"dim {cfg.dim} over {len(data.domains)} domains")
+    if isinstance(cfg, cfgmod.GaMtcdrConfig):  # per target: theta (U, N, K), two towers of ~84 K^2, dense Adam
+        n, k = len(data.domains), cfg.dim
+        per_target = (users * n * k + 2 * 84 * k * k) * 4 + users * n * k * 2  # + the user tables in its checkpoint
+        walk_pairs = 16384 * cfg.walk_length * (cfg.window + 1) * 2 * 8 * 2  # a chunk of walks' pairs, shuffled
+        tables = ((users + items) * k * 2 + n * per_target) * FLOAT + walk_pairs
+        return Need(tables, "dim", f"dim {k} over {n} domains")
     if isinstance(cfg, cfgmod.BaselineConfig):
         widest = max(data.item_offsets[d + 1] - data.item_offsets[d] for d in range(len(data.domains)))
         towers = 2 if cfg.model == "neumf" else 1

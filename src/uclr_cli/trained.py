@@ -31,6 +31,7 @@ from uclr_cli.metrics import default_chunk, positive_ranks, rank_candidates, sum
 from uclr_cli.models.autoencoder import AutoEncoder, learned_columns, load_ae, with_fixed_column
 from uclr_cli.models.baselines import BPRMF, LightGCN, NeuMF, SingleDomainModel, normalized_graph
 from uclr_cli.models.cat_art import ART
+from uclr_cli.models.ga_mtcdr import GATarget
 from uclr_cli.models.lora import LoRAEmbedding
 
 
@@ -161,11 +162,13 @@ def build_baseline(
     shape = (data.n_users, hi - lo, lo, conf["dim"])
     if gen is None:
         gen = torch.Generator().manual_seed(0)
-    init = dict(init_std=conf["init_std"], gen=gen, init=conf.get("init", "normal"))  # older checkpoints: normal
+    init = dict(init_std=conf.get("init_std", 0.1), gen=gen, init=conf.get("init", "normal"))  # older: normal
     if kind in ("bprmf", "cat-art-mf"):  # cat-art-mf: CAT-ART's stage 1
         model = BPRMF(*shape, item_bias=conf.get("item_bias", False), **init)
     elif kind == "cat-art":
         model = ART(*shape, len(data.domains), d, conf["dropout"], gen)
+    elif kind == "ga-mtcdr":
+        model = GATarget(*shape, len(data.domains), gen)
     elif kind in ("neumf", "gmf", "mlp"):
         model = NeuMF(*shape, conf.get("mlp_layers", [1]), kind=kind, **init)
     elif kind == "lightgcn":

@@ -1,8 +1,9 @@
 """`uclr baseline NAME`: the paper's Table 2 baselines per domain and seed, scored by `uclr evaluate`.
 
 Single-domain BPRMF, NeuMF and LightGCN (options: BaselineConfig), and the
-cross-domain CAT-ART (options: CatArtConfig); each NAME is a subcommand, so
-its help lists only the options it reads.
+cross-domain CAT-ART (options: CatArtConfig) and GA-MTCDR (options:
+GaMtcdrConfig); each NAME is a subcommand, so its help lists only the options
+it reads.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import typer
 
 from uclr_cli import registry
 from uclr_cli.cli import common, options, training
-from uclr_cli.config import BASELINE_DEFAULTS, BaselineConfig, CatArtConfig
+from uclr_cli.config import BASELINE_DEFAULTS, BaselineConfig, CatArtConfig, GaMtcdrConfig
 from uclr_cli.errors import ConfigError
 from uclr_cli.stages import baseline as stage
-from uclr_cli.stages import cat_art
+from uclr_cli.stages import cat_art, ga_mtcdr
 
 
 class BaselineGroup(common.UclrGroup):
@@ -74,14 +75,33 @@ def cat_art_command(
     config: options.Config = None,
 ) -> None:
     """Train CAT-ART (Li et al., WSDM 2023): BPR-MF per domain, the contrastive autoencoder CAT, ART per target."""
-    cfg, ds, run_dir = training.resolve(CatArtConfig, flags, config, seed)
+    # CAT has no ranking to report
+    _cross_domain(CatArtConfig, cat_art.ART, cat_art.run_seed, (cat_art.MF, cat_art.ART), flags, config, seed, resume)
+
+
+@app.command("ga-mtcdr")
+@options.from_model(GaMtcdrConfig)
+def ga_mtcdr_command(
+    flags,
+    seed: options.Seed = None,
+    resume: options.Resume = False,
+    config: options.Config = None,
+) -> None:
+    """Train GA-MTCDR (Zhu et al., TKDE 2023), interaction-only variant (no text side-information): DeepWalk +
+    skip-gram per domain, then element-wise attention and towers per target, trained round-robin."""
+    # the walks have no model to report
+    _cross_domain(GaMtcdrConfig, ga_mtcdr.TARGET, ga_mtcdr.run_seed, (ga_mtcdr.TARGET,), flags, config, seed, resume)
+
+
+def _cross_domain(model, name: str, run_seed, reported: tuple[str, ...], flags, config, seed, resume) -> None:
+    """A cross-domain baseline: every seed's stages over all domains (targets: ``--domain``), then one summary
+    per stage in ``reported``."""
+    cfg, ds, run_dir = training.resolve(model, flags, config, seed)
     domains = training.chosen_domains(cfg.domain, ds)
-    training.write_config(run_dir, cat_art.ART, cfg, ds)
+    training.write_config(run_dir, name, cfg, ds)
     results = training.run_seeds(
-        cat_art.ART,
-        cfg.seeds,
-        lambda s, rep: cat_art.run_seed(cfg, ds, run_dir, s, domains, resume=resume, progress=rep),
+        name, cfg.seeds, lambda s, rep: run_seed(cfg, ds, run_dir, s, domains, resume=resume, progress=rep)
     )
-    for name_ in (cat_art.MF, cat_art.ART):  # CAT has no ranking to report
-        rows = [r for r in results if r.stage.split()[0] == name_]
-        training.print_summary(name_, training.merge_domains(rows), ds.domains)
+    for stage_ in reported:
+        rows = [r for r in results if r.stage.split()[0] == stage_]
+        training.print_summary(stage_, training.merge_domains(rows), ds.domains)
