@@ -437,7 +437,7 @@ class BaselineConfig(TrainConfig):
                 "negatives is the sampler now (uniform | popularity | mix); the count per positive is n_negatives"
             )
         if isinstance(v, dict):  # what the user gave wins over the model's defaults
-            v = {**BASELINE_DEFAULTS.get(v.get("model", "bprmf"), {}), **v}
+            v = {**BASELINE_DEFAULTS.get(v.get("model", cls.model_fields["model"].default), {}), **v}
         return v
 
     def role_regs(self) -> tuple[float, float, float]:
