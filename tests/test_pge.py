@@ -136,6 +136,36 @@ def test_lightgcn_encoder_saves_the_propagated_union_graph_tables(data, tmp_path
     assert not torch.allclose(best["user_emb"], state["ego_user"])  # propagation changed them
 
 
+def _last_tables(run, seed=0):
+    t = load_file(str(layout.seed_dir(run, seed) / layout.resume_name(layout.PRETRAIN)))
+    return torch.cat([t["user_emb"], t["item_emb"]])
+
+
+@pytest.mark.parametrize("opt", ["rowwise-sgd", "adam"])
+def test_lr_decay_scales_each_epochs_steps(data, tmp_path, opt):
+    """Epoch e trains at lr·decay^(e-1): the first epoch is the undecayed one, and a decay of ~0 freezes
+    every later epoch (a step of row-wise SGD and of Adam is proportional to lr)."""
+    base = {**FAST, "lr": 0.05 if opt == "rowwise-sgd" else 0.01, "optimizer": opt}
+    runs = {}
+    for name, kw in (("one", dict(epochs=1)), ("two", dict(epochs=2)), ("frozen", dict(epochs=2, lr_decay=1e-12))):
+        pretrain.run_seed(PretrainConfig(**{**base, **kw}), data, tmp_path / name, 0)
+        runs[name] = _last_tables(tmp_path / name)
+    assert not torch.allclose(runs["two"], runs["one"], atol=1e-4)
+    assert torch.allclose(runs["frozen"], runs["one"], atol=1e-8)
+    decayed = PretrainConfig(**{**base, "epochs": 1, "lr_decay": 0.5})
+    pretrain.run_seed(decayed, data, tmp_path / "d1", 0)
+    assert torch.equal(_last_tables(tmp_path / "d1"), runs["one"])  # epoch 1 is not decayed
+
+
+def test_lr_decay_resumes_bit_identical(data, tmp_path):
+    """The rate is a function of the epoch alone: stopping after epoch 1 and resuming equals an unbroken run."""
+    cfg = {**FAST, "lr_decay": 0.5, "epochs": 3, "patience": 10}
+    pretrain.run_seed(PretrainConfig(**cfg), data, tmp_path / "full", 0)
+    pretrain.run_seed(PretrainConfig(**{**cfg, "epochs": 1}), data, tmp_path / "cut", 0)
+    pretrain.run_seed(PretrainConfig(**cfg), data, tmp_path / "cut", 0, resume=True)
+    assert torch.equal(_last_tables(tmp_path / "cut"), _last_tables(tmp_path / "full"))
+
+
 def test_config_refuses_options_that_do_not_apply():
     for kw, msg in (
         (dict(encoder="lightgcn", optimizer="rowwise-sgd"), "dense Adam"),
@@ -161,6 +191,13 @@ def test_paper_configs_pin_the_papers_pge_whatever_the_defaults():
         got = (cfg.optimizer, cfg.reg, cfg.role_regs(), cfg.lr, cfg.dim, cfg.batch_size, cfg.init, cfg.init_std)
         assert got == ("adam", 1e-5, (1e-5,) * 3, 1e-3, 128, 2048, "normal", 0.1)
         assert (cfg.negatives, cfg.n_negatives, cfg.item_bias, cfg.encoder) == ("uniform", 1, False, "mf")
+        assert (cfg.lr_decay, PretrainConfig().lr_decay) == (1.0, 1.0)
+    from uclr_cli.config import FinetuneConfig
+
+    ft = tomllib.loads((root / "finetune.toml").read_text())
+    for conf in (ft, tomllib.loads((root / "ablate.toml").read_text())["finetune"]):
+        cfg = FinetuneConfig(**conf)  # the paper's finetune keeps its contrastive term over the whole batch
+        assert (cfg.contrast_weight, cfg.contrast_users, cfg.batch_size) == (1.0, None, 2048)
 
 
 def test_item_bias_column_passes_through_contrast_and_finetune(data, tmp_path):

@@ -99,6 +99,29 @@ def test_finetune_keeps_base_and_starts_from_contrast(data, trained):
     assert r.best_score >= res["individual"].per_domain[d] - 1e-9
 
 
+def test_finetune_contrast_users_sets_the_contrastive_batch(data, trained, tmp_path):
+    """--contrast-users k: each step's contrastive term covers k users, so at most k·steps users' log u move."""
+    import shutil
+
+    run, _ = trained
+    d = data.domains[0]
+    steps = -(-int((data.train_domain == data.domain_index(d)).sum()) // FAST_FT["batch_size"])
+    before = load_file(str(run / "seed-0" / layout.CONTRAST["individual"]))["log_u"]
+    moved = {}
+    for k in (3, None):
+        shutil.copytree(run, tmp_path / str(k))
+        finetune.run_domain(
+            FinetuneConfig(**{**FAST_FT, "epochs": 1}, contrast_weight=1.0, contrast_users=k),
+            data,
+            tmp_path / str(k),
+            0,
+            d,
+        )
+        state = load_file(str(tmp_path / str(k) / "seed-0" / layout.resume_name(layout.finetune_name(d))))
+        moved[k] = int((state["log_u"] != before).sum())
+    assert 0 < moved[3] <= 3 * steps < moved[None]
+
+
 def test_same_seed_bit_identical_other_seed_differs(data, tmp_path):
     cfg = PretrainConfig(**{**FAST_PRE, "epochs": 3})
     paths = [pretrain.run_seed(cfg, data, tmp_path / n, s).path for n, s in (("a", 0), ("b", 0), ("c", 1))]

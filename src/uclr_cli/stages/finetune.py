@@ -126,7 +126,7 @@ def run_domain(
             value = loss.detach()
             step = None
             if cfg.contrast_weight > 0:
-                b = torch.randperm(data.n_users, generator=gen, device=device)[: cfg.batch_size]
+                b = torch.randperm(data.n_users, generator=gen, device=device)[: cfg.contrast_users or cfg.batch_size]
                 obj, val, step = combined_loss(ae, lora.rows(b), b, temps, ccfg, gen, first_epoch=False)
                 loss = loss + cfg.contrast_weight * obj
                 value = value + cfg.contrast_weight * val

@@ -49,6 +49,15 @@ def init_tables(data: Dataset, cfg: PretrainConfig, seed: int, device: torch.dev
     return users.to(device), items.to(device)
 
 
+def set_lr(opt, lr: float) -> None:
+    """The learning rate of the next steps, for the row-wise step and torch's optimizers alike."""
+    if isinstance(opt, BPRRowStep):
+        opt.lr = lr
+    else:
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
 def union_graph(data: Dataset, device) -> torch.Tensor:
     """The normalised user-item graph of every domain's train rows (global item ids; no valid/test rows)."""
     return normalized_graph(data.train_user.to(device), data.train_item.to(device), data.n_users, data.n_items)
@@ -137,6 +146,7 @@ def run_seed(
     last_save = loop.Timer()
     for epoch in sched.epochs_to_run():
         t0 = loop.Timer()
+        set_lr(opt, cfg.lr * cfg.lr_decay ** (epoch - 1))  # a function of the epoch alone: resume needs nothing
         perm = torch.randperm(n, generator=gen, device=device)
         total = torch.zeros((), device=device)
         for s in range(0, n, cfg.batch_size):
