@@ -27,7 +27,7 @@ from uclr_cli.data import ids
 from uclr_cli.data.dataset import load_prepared
 from uclr_cli.errors import CheckpointError
 from uclr_cli.metrics import summarize
-from uclr_cli.models.herograph import HeroGraph, HeroTarget, RecurrentAttention, SharedGraph
+from uclr_cli.models.herograph import HeroGraph, HeroTarget, RecurrentAttention, SharedGraph, by_width
 from uclr_cli.stages import evaluate as ev
 from uclr_cli.stages import herograph as hg
 
@@ -122,6 +122,13 @@ def test_recurrent_attention_by_hand():
     nbr2 = nbr.clone()
     nbr2[~mask] = 1e3  # what sits in a padded slot is never read
     assert torch.equal(agg(h0, nbr2, mask), got)
+    # grouped by neighbour count, each group only as wide as it needs: the same vectors as one full-width pass
+    table = torch.randn(20, 4, generator=torch.Generator().manual_seed(1))
+    g = SharedGraph(torch.tensor([0] * 9 + [1] * 3 + [2]), torch.tensor([*range(9), 0, 1, 2, 5]), 3, 17)
+    nodes = torch.arange(20)
+    s = g.sample(6, torch.Generator().manual_seed(2))
+    full = agg(table[nodes], table[s.clamp(min=0)], s >= 0)
+    assert torch.allclose(by_width(agg, table, nodes, s.clamp(min=0), s >= 0), full, atol=1e-6)
 
 
 def test_model_shapes_and_the_score_is_both_dot_products():
