@@ -14,7 +14,8 @@ Pure building blocks, no I/O. Our reading, and where it is a choice: docs/traini
   is its row of the shared graph table; each of the T steps attends over the
   node's sampled neighbours with ``h_{t-1}`` as the query,
   ``a_j = softmax_j((W h_{t-1} + b) · g_j / sqrt(K))``, ``c_t = sum_j a_j g_j``,
-  and ``h_t = GRUCell(c_t, h_{t-1})``; a batch of nodes at once.
+  and ``h_t = GRUCell(c_t, h_{t-1})``; a batch of nodes at once, grouped by
+  neighbour count (:func:`by_width`) so that few-neighbour nodes are not padded to ``k``.
 * :class:`HeroGraph`: the joint model: per-domain user tables ``E_u^d``, the
   item table ``E_i`` (domain d's items are its global range, so the per-domain
   item tables are slices), the shared graph table ``g`` and one recurrent
