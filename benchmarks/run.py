@@ -14,8 +14,9 @@ better than absolute times). Sections:
               every item the user did not interact with (train + valid left out), m=128
 * recommend — full-catalogue top-10 of the largest domain (books) for all 26,507 users at the Amazon shape:
               users/s of the top-K itself, and `uclr recommend --users` end to end in a child with its peak RSS
-* baselines — seconds per epoch of BPRMF, NeuMF and LightGCN on domain books at the Amazon shape, and of
-              CAT-ART's stages (BPR-MF and ART on books, CAT over all users)
+* baselines — seconds per epoch of BPRMF, NeuMF and LightGCN on domain books at the Amazon shape, of
+              CAT-ART's stages (BPR-MF and ART on books, CAT over all users), GA-MTCDR's (estimated) and
+              HeroGraph's joint model (one epoch over the three targets)
 * quality   — validation NDCG@10 after equal training time (--budget), on the Amazon preset and on Douban
               (../shared/data/douban, when present): our default PGE and the paper's PGE vs `implicit`'s CPU
               BPR (the `bench` extra), implicit's ALS on all domains together (a small grid chosen on
@@ -313,14 +314,31 @@ def bench_baselines(work: Path, quick: bool) -> None:
     d = "books"
     n = int((data.train_domain == data.domain_index(d)).sum())
     for name in registry.BASELINES:
-        if name in ("cat-art", "ga-mtcdr"):
-            continue  # their stages: bench_cat_art, bench_ga_mtcdr
+        if name in ("cat-art", "ga-mtcdr", "herograph"):
+            continue  # their stages: bench_cat_art, bench_ga_mtcdr, bench_herograph
         speeds = []  # training only (the epoch's validation is not timed); the faster of 2 epochs
         cfg = BaselineConfig(model=name, epochs=2, device="cpu")  # defaults: m=128, batch 2048, 4 negatives, 3 layers
         baseline.run_domain(cfg, data, work / "bench-baselines", 0, d, progress=lambda e: speeds.append(n / e.epoch_s))
         row(f"baseline {name} {d}, s/epoch ({n:,} train rows)", f"{n / max(speeds):.2f} s")
     bench_cat_art(data, work)
     bench_ga_mtcdr(data)
+    bench_herograph(data, work)
+
+
+def bench_herograph(data, work: Path) -> None:
+    """HeroGraph at the Amazon shape, defaults (K=128, 30 neighbours, T=2): one epoch of the joint model over every
+    target (each gets the largest domain's number of batches), training only, and its validation."""
+    from uclr_cli.config import HeroGraphConfig
+    from uclr_cli.stages import herograph
+
+    seen = []
+    t0 = time.perf_counter()
+    cfg = HeroGraphConfig(epochs=1, device="cpu")
+    herograph.run_seed(cfg, data, work / "bench-herograph", 0, data.domains, progress=seen.append)
+    wall = time.perf_counter() - t0
+    steps = len(data.domains) * -(-max(int((data.train_domain == d).sum()) for d in range(len(data.domains))) // 2048)
+    row(f"baseline herograph joint, s/epoch over all targets ({steps} steps of 2048)", f"{seen[0].epoch_s:.0f} s")
+    row("baseline herograph, one epoch with setup, validation and saving: wall", f"{wall:.0f} s")
 
 
 def bench_ga_mtcdr(data) -> None:

@@ -376,8 +376,9 @@ def test_config_defaults_and_model_options():
 
 
 def test_evaluate_constants_match_stage():
-    assert tuple(registry.BASELINES.values()) == ("BPRMF", "NeuMF", "LightGCN", "CAT-ART", "GA-MTCDR")
-    assert registry.MODEL_ORDER[:8] == ("Random", "Pop", "BPRMF", "NeuMF", "LightGCN", "CAT-ART", "GA-MTCDR", "PGE")
+    assert tuple(registry.BASELINES.values()) == ("BPRMF", "NeuMF", "LightGCN", "CAT-ART", "GA-MTCDR", "HeroGraph")
+    want = ("Random", "Pop", "BPRMF", "NeuMF", "LightGCN", "CAT-ART", "GA-MTCDR", "HeroGraph", "PGE")
+    assert registry.MODEL_ORDER[:9] == want
 
 
 @pytest.fixture(scope="module")
@@ -439,7 +440,11 @@ def test_cli_writes_checkpoints_and_config(cli_run):
 @pytest.mark.parametrize(
     "args, code, text",
     [
-        (["baseline", "svd"], 1, "unknown baseline 'svd'; choose one of bprmf, neumf, lightgcn, cat-art, ga-mtcdr"),
+        (
+            ["baseline", "svd"],
+            1,
+            "unknown baseline 'svd'; choose one of bprmf, neumf, lightgcn, cat-art, ga-mtcdr, herograph",
+        ),
         (["baseline", "bprmf", "--layers", "2"], 1, "layers applies to lightgcn only, not bprmf (--layers)"),
         (["baseline", "lightgcn", "--item-bias"], 1, "item_bias applies to bprmf only, not lightgcn (--item-bias)"),
         (["baseline", "bprmf", "--negatives", "3"], 1, "'uniform', 'popularity' or 'mix': negatives (--negatives)"),
@@ -487,7 +492,7 @@ def test_evaluate_shows_baselines_in_table_2_order(tiny_data, data, cli_run):
     assert "by activity" in out and out.count("LightGCN") >= 3  # the main table and activity buckets
     only = ev.run(data, cli_run, ks=(10,), device="cpu", variants=["NeuMF"])
     assert only.models == ["Random", "Pop", "NeuMF"]
-    with pytest.raises(ConfigError, match="known: BPRMF, NeuMF, LightGCN, CAT-ART, GA-MTCDR, PGE"):
+    with pytest.raises(ConfigError, match="known: BPRMF, NeuMF, LightGCN, CAT-ART, GA-MTCDR, HeroGraph, PGE"):
         ev.run(data, cli_run, variants=["SVD"])
     assert not math.isnan(only.report.rows[0].mean)
 

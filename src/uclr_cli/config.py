@@ -528,6 +528,28 @@ class GaMtcdrConfig(TrainConfig):
     reg: StrictFloat = Field(5e-4, ge=0, description="L2 weight on the pairs' tower outputs.")
 
 
+class HeroGraphConfig(TrainConfig):
+    """HeroGraph (Cui et al., 2020), reconstructed from the paper's description (no public code): one shared graph
+    of every domain's train interactions, per-domain user and item tables, a cross-domain embedding by recurrent
+    attention (GRU) over sampled neighbours; BPR per domain, trained jointly, one model per target domain.
+
+    Stopped early on validation NDCG@10 averaged over the target domains.
+    """
+
+    domain: str = Field("all", description="Target domains trained and written: a domain name, or all.")
+    dim: StrictInt = Field(128, ge=1, description="Embedding size K (domain tables and graph embeddings).")
+    neighbours: StrictInt = Field(
+        30, ge=1, le=1000, description="Neighbours sampled per node, at most (redrawn every epoch)."
+    )
+    steps: StrictInt = Field(2, ge=1, le=16, description="Recurrent attention steps T (GRU updates).")
+    # our choice (the paper gives no value): CAT-ART's λ here
+    reg: StrictFloat = Field(5e-5, ge=0, description="L2 weight on the batch's final user and item vectors.")
+    init_std: StrictFloat = Field(0.1, gt=0, description="Std of the initial tables.")
+    batch_size: StrictInt = Field(2048, ge=2, description="Positives per step (one domain per step, in turn).")
+    epochs: StrictInt = Field(50, ge=0, description="Maximum epochs.")
+    patience: StrictInt = Field(5, ge=1, description=PATIENCE_HELP)
+
+
 def _non_empty_path(p: Path | None, key: str) -> None:
     if p is not None and str(p).strip() in ("", "."):
         raise ValueError(f"{key} needs a file name")

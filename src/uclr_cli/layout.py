@@ -4,7 +4,8 @@
     runs/<dataset>/seed-<s>/pretrain.safetensors, contrast[-global|-none].safetensors,
                             finetune-<domain>.safetensors, baseline-<model>-<domain>.safetensors,
                             baseline-cat-art-cat.safetensors (CAT-ART's CAT),
-                            baseline-ga-mtcdr-joint.resume.safetensors (GA-MTCDR's joint training)
+                            baseline-ga-mtcdr-joint.resume.safetensors (GA-MTCDR's joint training),
+                            baseline-herograph-joint.resume.safetensors (HeroGraph's joint training)
                             and a ``*.resume.safetensors`` beside each
                             (pretrain under torchrun, until it ends: ``pretrain.dcp/``, see dcp.py)
 
@@ -33,6 +34,9 @@ CAT_ART_CAT = "baseline-cat-art-cat.safetensors"
 #: GA-MTCDR's joint model: only its resume state has this name (its best checkpoints are per target domain,
 #: ``baseline_name("ga-mtcdr", domain)``; its graph embeddings ``baseline_name("ga-mtcdr-walk", domain)``)
 GA_MTCDR_JOINT = "baseline-ga-mtcdr-joint.safetensors"
+#: HeroGraph's joint model: only its resume state has this name (its best checkpoints are per target domain,
+#: ``baseline_name("herograph", domain)``)
+HEROGRAPH_JOINT = "baseline-herograph-joint.safetensors"
 SEED_PREFIX = "seed-"
 _SEED_DIR = re.compile(r"seed-(0|[1-9][0-9]{0,17})")
 #: Domain names become parts of file names: lower-case letters, digits, ``_`` and ``-``, at most 64.

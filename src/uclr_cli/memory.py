@@ -92,6 +92,11 @@ def estimate(cfg: cfgmod.StageConfig, data, run_dir: Path | None = None, dim: in
         walk_pairs = 16384 * cfg.walk_length * (cfg.window + 1) * 2 * 8 * 2  # a chunk of walks' pairs, shuffled
         tables = ((users + items) * k * 2 + n * per_target) * FLOAT + walk_pairs
         return Need(tables, "dim", f"dim {k} over {n} domains")
+    if isinstance(cfg, cfgmod.HeroGraphConfig):  # the tables with row-wise Adam's moments, the targets' scorers
+        n, k = len(data.domains), cfg.dim
+        tables = (n * users + items + users + items) * k * 3
+        scorers = (n * users + items) * 2 * k * 2  # the best tables and the ones just validated
+        return Need((tables + scorers) * FLOAT, "dim", f"dim {k} over {n} domains")
     if isinstance(cfg, cfgmod.BaselineConfig):
         widest = max(data.item_offsets[d + 1] - data.item_offsets[d] for d in range(len(data.domains)))
         towers = 2 if cfg.model == "neumf" else 1

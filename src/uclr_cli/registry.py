@@ -9,14 +9,15 @@ from __future__ import annotations
 #: Floors scored on the same candidates in every evaluation (docs/design.md §4).
 FLOORS: tuple[str, ...] = ("Random", "Pop")
 #: Single-domain baselines: command-line kind -> display name (`uclr baseline <kind>`).
-#: The cross-domain CAT-ART (Li et al. 2023) and GA-MTCDR (Zhu et al. 2023) are scored like them: one model per
-#: target domain.
+#: The cross-domain CAT-ART (Li et al. 2023), GA-MTCDR (Zhu et al. 2023) and HeroGraph (Cui et al. 2020) are scored
+#: like them: one model per target domain.
 BASELINES: dict[str, str] = {
     "bprmf": "BPRMF",
     "neumf": "NeuMF",
     "lightgcn": "LightGCN",
     "cat-art": "CAT-ART",
     "ga-mtcdr": "GA-MTCDR",
+    "herograph": "HeroGraph",
 }
 #: Contrast variants -> the contrast checkpoint's temperature mode they come from.
 CONTRAST_VARIANTS: dict[str, str] = {"PGE+AE": "none", "PGE+CL-AE": "global", "PGE+UCL-AE": "individual"}

@@ -32,6 +32,7 @@ from uclr_cli.models.autoencoder import AutoEncoder, learned_columns, load_ae, w
 from uclr_cli.models.baselines import BPRMF, LightGCN, NeuMF, SingleDomainModel, normalized_graph
 from uclr_cli.models.cat_art import ART
 from uclr_cli.models.ga_mtcdr import GATarget
+from uclr_cli.models.herograph import HeroTarget
 from uclr_cli.models.lora import LoRAEmbedding
 
 
@@ -169,6 +170,8 @@ def build_baseline(
         model = ART(*shape, len(data.domains), d, conf["dropout"], gen)
     elif kind == "ga-mtcdr":
         model = GATarget(*shape, len(data.domains), gen)
+    elif kind == "herograph":  # the tables a checkpoint holds; nothing to initialise
+        model = HeroTarget(*shape)
     elif kind in ("neumf", "gmf", "mlp"):
         model = NeuMF(*shape, conf.get("mlp_layers", [1]), kind=kind, **init)
     elif kind == "lightgcn":

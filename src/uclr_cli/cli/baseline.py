@@ -1,9 +1,9 @@
 """`uclr baseline NAME`: the paper's Table 2 baselines per domain and seed, scored by `uclr evaluate`.
 
 Single-domain BPRMF, NeuMF and LightGCN (options: BaselineConfig), and the
-cross-domain CAT-ART (options: CatArtConfig) and GA-MTCDR (options:
-GaMtcdrConfig); each NAME is a subcommand, so its help lists only the options
-it reads.
+cross-domain CAT-ART (options: CatArtConfig), GA-MTCDR (options:
+GaMtcdrConfig) and HeroGraph (options: HeroGraphConfig); each NAME is a
+subcommand, so its help lists only the options it reads.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import typer
 
 from uclr_cli import registry
 from uclr_cli.cli import common, options, training
-from uclr_cli.config import BASELINE_DEFAULTS, BaselineConfig, CatArtConfig, GaMtcdrConfig
+from uclr_cli.config import BASELINE_DEFAULTS, BaselineConfig, CatArtConfig, GaMtcdrConfig, HeroGraphConfig
 from uclr_cli.errors import ConfigError
 from uclr_cli.stages import baseline as stage
-from uclr_cli.stages import cat_art, ga_mtcdr
+from uclr_cli.stages import cat_art, ga_mtcdr, herograph
 
 
 class BaselineGroup(common.UclrGroup):
@@ -91,6 +91,21 @@ def ga_mtcdr_command(
     skip-gram per domain, then element-wise attention and towers per target, trained round-robin."""
     # the walks have no model to report
     _cross_domain(GaMtcdrConfig, ga_mtcdr.TARGET, ga_mtcdr.run_seed, (ga_mtcdr.TARGET,), flags, config, seed, resume)
+
+
+@app.command("herograph")
+@options.from_model(HeroGraphConfig)
+def herograph_command(
+    flags,
+    seed: options.Seed = None,
+    resume: options.Resume = False,
+    config: options.Config = None,
+) -> None:
+    """Train HeroGraph (Cui et al., 2020), reconstructed from the paper's description (its code is not public): a
+    shared graph of every domain, recurrent attention (GRU) over sampled neighbours, per-domain tables, BPR."""
+    _cross_domain(
+        HeroGraphConfig, herograph.TARGET, herograph.run_seed, (herograph.TARGET,), flags, config, seed, resume
+    )
 
 
 def _cross_domain(model, name: str, run_seed, reported: tuple[str, ...], flags, config, seed, resume) -> None:
