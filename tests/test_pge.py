@@ -166,6 +166,33 @@ def test_lr_decay_resumes_bit_identical(data, tmp_path):
     assert torch.equal(_last_tables(tmp_path / "cut"), _last_tables(tmp_path / "full"))
 
 
+def _drop_config_key(path, key):
+    """Rewrite a checkpoint as a version before ``key`` existed wrote it (its config without the key)."""
+    from uclr_cli import checkpoint as ckpt
+
+    meta = ckpt.read_header(path)
+    meta["config"] = {k: v for k, v in meta["config"].items() if k != key}
+    keep = {k: v for k, v in meta.items() if k not in ("format_version", "package_version", ckpt.DIGEST)}
+    ckpt.save(path, load_file(str(path)), keep)
+
+
+def test_a_state_saved_before_lr_decay_existed_resumes_at_decay_1_only(data, tmp_path):
+    """Runs saved before --lr-decay trained at a constant rate: they resume as decay 1, and are refused
+    for another decay (one line naming the key), instead of being refused for the new key alone."""
+    from uclr_cli.errors import CheckpointError
+
+    cfg = {**FAST, "epochs": 2, "patience": 10}
+    pretrain.run_seed(PretrainConfig(**cfg), data, tmp_path / "full", 0)
+    pretrain.run_seed(PretrainConfig(**{**cfg, "epochs": 1}), data, tmp_path / "old", 0)
+    sd = layout.seed_dir(tmp_path / "old", 0)
+    for name in (layout.PRETRAIN, layout.resume_name(layout.PRETRAIN)):
+        _drop_config_key(sd / name, "lr_decay")
+    with pytest.raises(CheckpointError, match="lr_decay"):
+        pretrain.run_seed(PretrainConfig(**{**cfg, "lr_decay": 0.5}), data, tmp_path / "old", 0, resume=True)
+    pretrain.run_seed(PretrainConfig(**cfg), data, tmp_path / "old", 0, resume=True)
+    assert torch.equal(_last_tables(tmp_path / "old"), _last_tables(tmp_path / "full"))
+
+
 def test_config_refuses_options_that_do_not_apply():
     for kw, msg in (
         (dict(encoder="lightgcn", optimizer="rowwise-sgd"), "dense Adam"),

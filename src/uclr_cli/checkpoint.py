@@ -125,6 +125,15 @@ def read_header(path: Path) -> dict:
 #: Settings a resume may change (e.g. a lower --lr after a non-finite loss): they do not shape the
 #: model or its state. Stages pass ``may_differ={"config": RESUME_MAY_DIFFER}`` when loading a resume state.
 RESUME_MAY_DIFFER = ("lr", "epochs", "patience", "save_every")
+#: Config keys added after runs were saved without them, with the value that behaves as those runs did: a saved
+#: config that lacks one compares equal to a current config that has it at this value (resume, ablate's skip).
+ADDED_CONFIG_KEYS = {"lr_decay": 1.0, "contrast_users": None}
+
+
+def with_added_keys(saved: dict, current: dict) -> dict:
+    """``saved`` with the :data:`ADDED_CONFIG_KEYS` it predates filled in, where ``current`` has them."""
+    missing = {k: v for k, v in ADDED_CONFIG_KEYS.items() if k in current and k not in saved}
+    return {**saved, **missing}
 
 
 def load(
@@ -177,6 +186,8 @@ def check_meta(
         raise CheckpointError(f"checkpoint is of seed {meta['seed']} but lies in {path.parent.name}", path)
     for key, want in (expect or {}).items():
         got = meta.get(key)
+        if key == "config" and isinstance(want, dict) and isinstance(got, dict):
+            got = with_added_keys(got, want)
         loose = (may_differ or {}).get(key)
         if loose and isinstance(want, dict) and isinstance(got, dict):
             want = {k: v for k, v in want.items() if k not in loose}

@@ -142,6 +142,27 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
+def joint_results(stage: str, seed: int, sched: Schedule, paths: dict[str, Path], timer: Timer) -> list[SeedResult]:
+    """One result per target domain of a joint run over several (``paths``: each target's best checkpoint):
+    the shared schedule's best epoch, the domain's own score, and an equal share of the run's seconds (so the
+    rows add up to the run)."""
+    share = timer.elapsed() / max(len(paths), 1)
+    return [
+        SeedResult(
+            f"{stage} {dom}",
+            seed,
+            path,
+            sched.best_epoch,
+            sched.per_domain.get(dom, math.nan),
+            sched.epochs_run,
+            share,
+            {dom: sched.per_domain.get(dom, math.nan)},
+            {"domain": dom},
+        )
+        for dom, path in paths.items()
+    ]
+
+
 # --- the epoch/resume skeleton ---------------------------------------------------------------------------------
 
 

@@ -57,6 +57,12 @@ def _config_of(cfg) -> dict:
     return cfg.model_dump(mode="json", exclude=exclude)
 
 
+def _same_config(saved, cfg) -> bool:
+    """The saved config is this one (a saved config that predates an added key counts at the key's old value)."""
+    want = _config_of(cfg)
+    return isinstance(saved, dict) and ckpt.with_added_keys(saved, want) == want
+
+
 def is_done(step: Step, data: Dataset, cfg) -> bool:
     """The step's checkpoint exists, matches dataset, settings and inputs, and its run finished."""
     state = step.path.with_name(layout.resume_name(step.path.name))
@@ -65,7 +71,7 @@ def is_done(step: Step, data: Dataset, cfg) -> bool:
         smeta = ckpt.read_header(state)
     except CheckpointError:
         return False
-    if meta.get("dataset") != data.fingerprint or meta.get("config") != _config_of(cfg) or not smeta.get("done"):
+    if meta.get("dataset") != data.fingerprint or not _same_config(meta.get("config"), cfg) or not smeta.get("done"):
         return False
     sd = step.path.parent
     if step.stage == "contrast":
@@ -82,7 +88,7 @@ def can_resume(step: Step, data: Dataset, cfg) -> bool:
         smeta = ckpt.read_header(step.path.with_name(layout.resume_name(step.path.name)))
     except CheckpointError:
         return False
-    return smeta.get("dataset") == data.fingerprint and smeta.get("config") == _config_of(cfg)
+    return smeta.get("dataset") == data.fingerprint and _same_config(smeta.get("config"), cfg)
 
 
 def run(

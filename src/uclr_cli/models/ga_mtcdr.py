@@ -47,7 +47,7 @@ class Graph:
         u, i = key // n_items, key % n_items + n_users
         src, dst = torch.cat([u, i]), torch.cat([i, u])
         order = torch.argsort(src * n + dst)
-        self.col = dst[order]
+        self.src, self.col = src[order], dst[order]  # edges sorted by source node, then target
         self.degree = torch.bincount(src, minlength=n)
         self.rowptr = torch.zeros(n + 1, dtype=torch.int64, device=users.device)
         self.rowptr[1:] = torch.cumsum(self.degree, 0)

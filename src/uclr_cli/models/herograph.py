@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from uclr_cli.losses import bpr_loss, l2_term
 from uclr_cli.models.baselines import SingleDomainModel, init_linears
+from uclr_cli.models.ga_mtcdr import Graph
 
 #: an attention logit of a padded neighbour slot: left out of the softmax
 _MASKED = -1e9
@@ -42,24 +43,9 @@ _MASKED = -1e9
 CHUNK = 4096
 
 
-class SharedGraph:
-    """The train interactions of every domain as one undirected graph over users, then items (CSR)."""
-
-    def __init__(self, users: Tensor, items: Tensor, n_users: int, n_items: int):
-        self.n_users, self.n_items = n_users, n_items
-        n = n_users + n_items
-        key = torch.unique(users.to(torch.int64) * n_items + items.to(torch.int64))  # one edge per pair
-        u, i = key // n_items, key % n_items + n_users
-        src, dst = torch.cat([u, i]), torch.cat([i, u])
-        order = torch.argsort(src * n + dst)
-        self.src, self.col = src[order], dst[order]
-        self.degree = torch.bincount(src, minlength=n)
-        self.rowptr = torch.zeros(n + 1, dtype=torch.int64, device=users.device)
-        self.rowptr[1:] = torch.cumsum(self.degree, 0)
-
-    @property
-    def n_nodes(self) -> int:
-        return self.n_users + self.n_items
+class SharedGraph(Graph):
+    """The train interactions of every domain as one undirected graph over users, then items (CSR; GA-MTCDR's
+    graph built over all domains at once), with neighbour sampling."""
 
     def sample(self, k: int, gen: torch.Generator) -> Tensor:
         """(n_nodes, k) neighbours: per node a uniform sample of at most ``k`` without replacement, -1 padded."""

@@ -244,21 +244,7 @@ def run_joint(
         sched.start_from(score())
         for m, dom in zip(models, targets):
             bests[dom].save_best(m.tensors(), 0, sched.per_domain[dom])
-    share = timer.elapsed() / len(targets)  # one joint run: each target's row gets a share, so rows add up to it
-    return [
-        loop.SeedResult(
-            f"{TARGET} {dom}",
-            seed,
-            bests[dom].best,
-            sched.best_epoch,
-            sched.per_domain.get(dom, math.nan),
-            sched.epochs_run,
-            share,
-            {dom: sched.per_domain.get(dom, math.nan)},
-            {"domain": dom},
-        )
-        for dom in targets
-    ]
+    return loop.joint_results(TARGET, seed, sched, {dom: bests[dom].best for dom in targets}, timer)
 
 
 def run_seed(

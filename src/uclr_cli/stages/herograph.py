@@ -18,7 +18,6 @@ exactly what was validated. Validation and test rows never enter the graph.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -152,18 +151,4 @@ def run_seed(
         sched.start_from(score())
         for dom in targets:
             bests[dom].save_best(latest[dom], 0, sched.per_domain[dom])
-    share = timer.elapsed() / len(targets)  # one joint run: each target's row gets a share, so rows add up to it
-    return [
-        loop.SeedResult(
-            f"{TARGET} {dom}",
-            seed,
-            bests[dom].best,
-            sched.best_epoch,
-            sched.per_domain.get(dom, math.nan),
-            sched.epochs_run,
-            share,
-            {dom: sched.per_domain.get(dom, math.nan)},
-            {"domain": dom},
-        )
-        for dom in targets
-    ]
+    return loop.joint_results(TARGET, seed, sched, {dom: bests[dom].best for dom in targets}, timer)
