@@ -482,7 +482,7 @@ def test_ablate_killed_twice_then_rerun_completes_and_skips(tiny_data, tmp_path)
 def test_prepare_killed_at_any_moment_leaves_complete_or_absent(tmp_path):
     out = tmp_path / "data" / "tiny"
     args = ["prepare", "synthetic", "--preset", "tiny", "--out", out]
-    for k, delay in enumerate((0.0, 0.005, 0.01, 0.02, 0.04)):
+    for k, delay in enumerate((0.0, 0.01, 0.04)):
         p = uclr(*args, "--seed", str(k), cwd=tmp_path)
         wait_for(lambda: (out.parent / f".tiny.tmp-{p.pid}").exists() or p.poll() is not None, step=0.001)
         time.sleep(delay)

@@ -156,6 +156,7 @@ def test_baseline(data, tmp_path, case):
     kill_and_resume(train, tmp_path / "ref", tmp_path / "cut", [name, layout.resume_name(name)])
 
 
+@pytest.mark.slow  # ~35 s; test_finetune_every_train_option kills finetune in-process, test_training SIGKILLs a process
 def test_finetune_sigkill_anywhere_resumes_bit_identical(tiny_data, base_run, tmp_path):
     """A real SIGKILL at an arbitrary point (inside an epoch too), twice, then --resume: as unbroken."""
     args = ["finetune", "--domain", "books", "--rank", "4", "--batch-size", "16", "--epochs", "8"]
