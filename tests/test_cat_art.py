@@ -242,6 +242,18 @@ def test_cli_trains_and_evaluate_shows_the_row(tiny_data, tmp_path, monkeypatch)
     r = run_cli("baseline", "cat-art", "--data", tiny_data, "--run", run, *ARGS, "--domain", "music")
     assert r.exit_code == 0, r.output
     assert "baseline-cat-art: best validation NDCG@10" in r.stdout
+    # CAT's progress line names its number: the training loss it stops on, best the lowest (not a valid NDCG@10)
+    cat_lines = [x for x in r.stdout.splitlines() if x.startswith(f"{ca.CAT} seed=0 epoch=")]
+    assert len(cat_lines) == 2, r.stdout
+    losses = []
+    for line in cat_lines:
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        assert "valid_ndcg@10" not in fields and "best" not in fields, line
+        losses.append(float(fields["loss"]))
+        value, epoch = fields["best_loss"].split("@")
+        assert float(value) == min(losses) > 0 and losses[int(epoch) - 1] == min(losses), line
+    mf_lines = [x for x in r.stdout.splitlines() if x.startswith(f"{ca.MF} books seed=0 epoch=")]
+    assert mf_lines and all(" valid_ndcg@10=" in x and " best=" in x for x in mf_lines)
     assert (run / "seed-0" / layout.baseline_name("cat-art", "music")).is_file()
     assert not (run / "seed-0" / layout.baseline_name("cat-art", "books")).exists()
     r = run_cli(

@@ -74,9 +74,11 @@ def _fit(
     score: Callable[[float], dict[str, float]],
     label: str,
     progress: loop.Progress | None,
+    by_loss: bool = False,
 ) -> None:
     """The epoch loop the three stages share: shuffled batches of ``n`` rows, ``step`` each
-    (it returns the batch's mean loss), validation by ``score(epoch loss)``, best checkpoint, resume state."""
+    (it returns the batch's mean loss), validation by ``score(epoch loss)``, best checkpoint, resume state.
+    ``by_loss``: ``score`` is the negated loss (CAT), and progress reports the lowest loss, not a validation score."""
     device = gen.device
     for epoch in sched.epochs_to_run():
         t0 = loop.Timer()
@@ -94,7 +96,7 @@ def _fit(
         done = sched.done(epoch)
         out.save_state(sched, epoch, done, {**best(), **state()}, gen)
         if progress:
-            progress(sched.event(label, out.seed, epoch, epoch_loss, sc))
+            progress(sched.event(label, out.seed, epoch, epoch_loss, sc, by_loss=by_loss))
         if done:
             break
     if not out.best.is_file():  # zero epochs: save the initial model
@@ -226,6 +228,7 @@ def run_cat(cfg: CatArtConfig, data: Dataset, run_dir: Path, seed: int, *, resum
         lambda loss: {"training loss (negated)": -loss},  # no ranking to validate: the lowest loss is the best
         CAT,
         progress,
+        by_loss=True,
     )
     return sched.result(CAT, seed, out.best, timer, {}, {"domain": "cat"})
 
