@@ -3,6 +3,7 @@ refuse foreign checkpoints, and show up in the CLI and `uclr evaluate`."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -15,13 +16,14 @@ from test_resume import kill_and_resume
 from uclr_cli import checkpoint as ckpt
 from uclr_cli import layout
 from uclr_cli import trained as tr
-from uclr_cli.config import CatArtConfig
+from uclr_cli.config import CatArtConfig, GaMtcdrConfig, HeroGraphConfig, PrepareConfig
 from uclr_cli.data.dataset import load_prepared
 from uclr_cli.errors import CheckpointError, DataError
 from uclr_cli.metrics import summarize
 from uclr_cli.models.cat_art import ART, CatAutoEncoder, info_nce
 from uclr_cli.stages import cat_art as ca
 from uclr_cli.stages import evaluate as ev
+from uclr_cli.stages import ga_mtcdr, herograph, prepare
 
 CPU = torch.device("cpu")
 FAST = dict(dim=16, batch_size=128, lr=0.01, epochs=8, patience=3, cat_epochs=3, cat_batch_size=64, device="cpu")
@@ -240,6 +242,18 @@ def test_cli_trains_and_evaluate_shows_the_row(tiny_data, tmp_path, monkeypatch)
     r = run_cli("baseline", "cat-art", "--data", tiny_data, "--run", run, *ARGS, "--domain", "music")
     assert r.exit_code == 0, r.output
     assert "baseline-cat-art: best validation NDCG@10" in r.stdout
+    # CAT's progress line names its number: the training loss it stops on, best the lowest (not a valid NDCG@10)
+    cat_lines = [x for x in r.stdout.splitlines() if x.startswith(f"{ca.CAT} seed=0 epoch=")]
+    assert len(cat_lines) == 2, r.stdout
+    losses = []
+    for line in cat_lines:
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        assert "valid_ndcg@10" not in fields and "best" not in fields, line
+        losses.append(float(fields["loss"]))
+        value, epoch = fields["best_loss"].split("@")
+        assert float(value) == min(losses) > 0 and losses[int(epoch) - 1] == min(losses), line
+    mf_lines = [x for x in r.stdout.splitlines() if x.startswith(f"{ca.MF} books seed=0 epoch=")]
+    assert mf_lines and all(" valid_ndcg@10=" in x and " best=" in x for x in mf_lines)
     assert (run / "seed-0" / layout.baseline_name("cat-art", "music")).is_file()
     assert not (run / "seed-0" / layout.baseline_name("cat-art", "books")).exists()
     r = run_cli(
@@ -275,3 +289,60 @@ def test_cli_bad_input_is_one_line(tiny_data, tmp_path, args, text):
     assert text in r.stderr and "Traceback" not in r.output
     if r.exit_code == 1:
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- checkpoint names of domains with '-'
+
+
+def test_domains_whose_checkpoints_would_be_one_file_are_refused():
+    kinds, fixed = ("cat-art-mf", "cat-art"), {layout.CAT_ART_CAT: "CAT-ART's CAT stage"}
+    layout.check_distinct(["books", "movies", "mf_x", "x-mf", "art"], kinds, fixed)  # distinct: fine
+    for domains in (["x", "mf-x"], ["mf-x", "x"]):  # either order: the one ending like "cat-art-mf" is named
+        with pytest.raises(DataError) as e:
+            layout.check_distinct(domains, kinds, fixed, "prepared/d")
+        msg = str(e.value)
+        assert "'x' and 'mf-x'" in msg or "'mf-x' and 'x'" in msg, msg
+        assert "baseline-cat-art-mf-x.safetensors" in msg and "rename domain 'mf-x' (e.g. to 'mf_x')" in msg, msg
+        assert msg.endswith("(prepared/d)") and "\n" not in msg
+    with pytest.raises(DataError, match="domain 'cat' would write baseline-cat-art-cat.safetensors .*CAT stage"):
+        layout.check_distinct(["books", "cat"], kinds, fixed)
+    with pytest.raises(DataError, match="'x' and 'walk-x'.*rename domain 'walk-x'"):
+        layout.check_distinct(["x", "walk-x"], ("ga-mtcdr-walk", "ga-mtcdr"))
+
+
+def renamed(data, names):
+    """``data`` with its domains called ``names``."""
+    new = dict(zip(data.domains, names))
+    return dataclasses.replace(
+        data,
+        domains=list(names),
+        valid={new[k]: v for k, v in data.valid.items()},
+        test={new[k]: v for k, v in data.test.items()},
+    )
+
+
+@pytest.mark.parametrize(
+    "run_seed, cfg, names, blamed",
+    [
+        (ca.run_seed, CatArtConfig(**FAST), ["x", "mf-x"], "mf-x"),
+        (ca.run_seed, CatArtConfig(**FAST), ["cat", "b"], "cat"),
+        (ga_mtcdr.run_seed, GaMtcdrConfig(dim=8, device="cpu"), ["walk-b", "b"], "walk-b"),
+        (ga_mtcdr.run_seed, GaMtcdrConfig(dim=8, device="cpu"), ["a", "joint"], "joint"),
+        (herograph.run_seed, HeroGraphConfig(dim=8, device="cpu"), ["a", "joint"], "joint"),
+    ],
+)
+def test_cross_domain_stages_refuse_clashing_domains_before_writing(tmp_path, run_seed, cfg, names, blamed):
+    hand = renamed(two_groups(), names)
+    with pytest.raises(DataError, match=f"rename domain '{blamed}'"):
+        run_seed(cfg, hand, tmp_path, 0, hand.domains)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the seed folder
+
+
+def test_cli_refuses_clashing_domains_in_one_line(tmp_path):
+    prepare.run(PrepareConfig(source="synthetic", preset="tiny", domains=["x", "mf-x"], out=tmp_path / "d", seed=0))
+    run = tmp_path / "r"
+    r = run_cli("baseline", "cat-art", "--data", tmp_path / "d", "--run", run, *ARGS)
+    assert r.exit_code == 1, r.output
+    assert r.stderr.startswith("error: domains 'x' and 'mf-x' would write one file") and "Traceback" not in r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and "rename domain 'mf-x'" in r.stderr
+    assert not list(run.rglob("*.safetensors")) and not (run / layout.CONFIG).exists()

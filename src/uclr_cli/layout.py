@@ -9,7 +9,9 @@
                             and a ``*.resume.safetensors`` beside each
                             (pretrain under torchrun, until it ends: ``pretrain.dcp/``, see dcp.py)
 
-Fixed names, no timestamps (docs/design.md §5). A seed folder is ``seed-<s>``
+Fixed names, no timestamps (docs/design.md §5). Domain names may hold ``-``, so a stage that writes composite kinds
+(``cat-art-mf``, ``ga-mtcdr-walk``) or fixed names beside per-domain ones first checks that none of its names coincide
+(:func:`check_distinct`). A seed folder is ``seed-<s>``
 with ``s`` written in canonical decimal: ``seed-01`` is not the folder of seed
 1 and is ignored, so one seed can never be counted twice.
 """
@@ -95,6 +97,37 @@ def finetune_name(domain: str) -> str:
 def baseline_name(kind: str, domain: str) -> str:
     """A single-domain baseline's checkpoint, e.g. ``baseline-neumf-books.safetensors``."""
     return f"baseline-{kind}-{check_domain_name(domain, '--domain')}.safetensors"
+
+
+def check_distinct(domains, kinds, fixed: dict[str, str] | None = None, where=None) -> None:
+    """Refuse, in one line, domains whose checkpoints would be one file.
+
+    A stage writes ``baseline_name(kind, domain)`` for each of its ``kinds`` and
+    every domain, and the ``fixed`` names (name -> what writes it); their resume
+    companions follow from these (:func:`resume_name`, :func:`dcp_name`). Domain
+    names may hold ``-``, so ``baseline_name("cat-art", "mf-x")`` is
+    ``baseline_name("cat-art-mf", "x")`` and ``baseline_name("cat-art", "cat")``
+    is :data:`CAT_ART_CAT`: unchecked, one checkpoint would overwrite the other.
+    Called before the stage writes anything; names stay as they are, so old runs
+    keep loading.
+    """
+    owner: dict[str, tuple[str, str | None]] = {name: (what, None) for name, what in (fixed or {}).items()}
+    for kind in kinds:
+        for domain in domains:
+            name = baseline_name(kind, domain)
+            other_kind, other = owner.setdefault(name, (kind, domain))
+            if (other_kind, other) == (kind, domain):
+                continue
+            if other is None:
+                clash, what = domain, f"domain {domain!r} would write {name} ({kind} of it), the file of {other_kind}"
+            else:  # the domain of the shorter kind ends like the longer kind: that one is renamed
+                clash = domain if len(kind) < len(other_kind) else other
+                what = (
+                    f"domains {other!r} and {domain!r} would write one file, {name} "
+                    f"({other_kind} of {other!r}, {kind} of {domain!r})"
+                )
+            hint = f" (e.g. to {clash.replace('-', '_')!r})" if "-" in clash else ""
+            raise DataError(f"{what}; rename domain {clash!r}{hint} and prepare the data again", where)
 
 
 def resume_name(name: str) -> str:

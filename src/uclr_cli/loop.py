@@ -32,6 +32,9 @@ class EpochEvent:
     best_epoch: int
     extra: dict = field(default_factory=dict)
     epoch_s: float = math.nan  # this epoch's training seconds (batch loop only)
+    #: what ``best`` measures: validation NDCG@10 (``valid_ndcg`` this epoch's), or ``"loss"`` for a stage stopped
+    #: on its training loss (``best``: the lowest epoch loss; ``valid_ndcg`` None)
+    metric: str = "valid_ndcg@10"
 
 
 @dataclass
@@ -220,12 +223,19 @@ class Schedule:
         self.epoch_s = seconds
         self.throughput.add(samples, seconds)
 
-    def event(self, stage: str, seed: int, epoch: int, loss: float, score: float | None, extra=None) -> EpochEvent:
+    def event(
+        self, stage: str, seed: int, epoch: int, loss: float, score: float | None, extra=None, *, by_loss=False
+    ) -> EpochEvent:
+        """This epoch's progress. ``by_loss``: the stage validates on its negated training loss (it has no
+        ranking to validate), so the event reports the lowest loss as ``best`` and no validation score."""
         t = self.throughput
         speed = t.samples / max(t.seconds, 1e-9)
-        return EpochEvent(
+        ev = EpochEvent(
             stage, seed, epoch, self.epochs, loss, score, speed, self.best, self.best_epoch, extra or {}, self.epoch_s
         )
+        if by_loss:
+            ev.valid_ndcg, ev.best, ev.metric = None, -self.best, "loss"
+        return ev
 
     def result(self, stage: str, seed: int, path: Path, timer: Timer, per_domain=None, extra=None) -> SeedResult:
         per_domain = self.per_domain if per_domain is None else per_domain

@@ -265,12 +265,13 @@ class Reporter:
         record_configs()  # the stage has started: its config is now worth recording
         if self.quiet:
             return
-        ndcg = "-" if ev.valid_ndcg is None or math.isnan(ev.valid_ndcg) else f"{ev.valid_ndcg:.4f}"
         extra = "".join(f" {k}={v}" for k, v in ev.extra.items())
-        info = (
-            f"loss={ev.loss:.4f} valid_ndcg@10={ndcg} best={ev.best:.4f}@{ev.best_epoch} "
-            f"{ev.samples_per_s:,.0f}/s{extra}"
-        )
+        if ev.metric == "loss":  # stopped on its training loss: no validation score, best is the lowest loss
+            scores = f"best_loss={ev.best:.4f}@{ev.best_epoch}"
+        else:
+            ndcg = "-" if ev.valid_ndcg is None or math.isnan(ev.valid_ndcg) else f"{ev.valid_ndcg:.4f}"
+            scores = f"{ev.metric}={ndcg} best={ev.best:.4f}@{ev.best_epoch}"
+        info = f"loss={ev.loss:.4f} {scores} {ev.samples_per_s:,.0f}/s{extra}"
         if self.progress is not None:
             desc = f"{ev.stage} seed {ev.seed}"
             if self.task is None or self.progress.tasks[self.task].description != desc:

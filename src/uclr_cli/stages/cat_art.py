@@ -49,6 +49,12 @@ def stage_configs(cfg: CatArtConfig) -> dict[str, dict]:
     return {MF: mf, CAT: cat, ART: art}
 
 
+def check_names(data: Dataset) -> None:
+    """Refuse domains whose CAT-ART checkpoints would be one file (``x`` and ``mf-x``; ``cat``), before any write."""
+    fixed = {layout.CAT_ART_CAT: "CAT-ART's CAT stage"}
+    layout.check_distinct(data.domains, ("cat-art-mf", "cat-art"), fixed, data.path)
+
+
 def has_train_rows(data: Dataset, device) -> torch.Tensor:
     """(N, U) bool: user u has train rows in domain d (valid and test rows do not count)."""
     has = torch.zeros(len(data.domains), data.n_users, dtype=torch.bool, device=device)
@@ -68,9 +74,11 @@ def _fit(
     score: Callable[[float], dict[str, float]],
     label: str,
     progress: loop.Progress | None,
+    by_loss: bool = False,
 ) -> None:
     """The epoch loop the three stages share: shuffled batches of ``n`` rows, ``step`` each
-    (it returns the batch's mean loss), validation by ``score(epoch loss)``, best checkpoint, resume state."""
+    (it returns the batch's mean loss), validation by ``score(epoch loss)``, best checkpoint, resume state.
+    ``by_loss``: ``score`` is the negated loss (CAT), and progress reports the lowest loss, not a validation score."""
     device = gen.device
     for epoch in sched.epochs_to_run():
         t0 = loop.Timer()
@@ -88,7 +96,7 @@ def _fit(
         done = sched.done(epoch)
         out.save_state(sched, epoch, done, {**best(), **state()}, gen)
         if progress:
-            progress(sched.event(label, out.seed, epoch, epoch_loss, sc))
+            progress(sched.event(label, out.seed, epoch, epoch_loss, sc, by_loss=by_loss))
         if done:
             break
     if not out.best.is_file():  # zero epochs: save the initial model
@@ -115,6 +123,7 @@ def run_mf(
     cfg: CatArtConfig, data: Dataset, run_dir: Path, seed: int, domain: str, *, resume=False, progress=None
 ) -> loop.SeedResult:
     """Stage 1: BPR-MF on ``domain``'s train rows."""
+    check_names(data)
     device = loop.resolve_device(cfg.device)
     d = data.domain_index(domain)
     domain, lo, hi = data.domains[d], data.item_offsets[d], data.item_offsets[d + 1]
@@ -180,6 +189,7 @@ def load_cat(path: Path, data: Dataset, mf_sha: dict, dim: int, device) -> CatAu
 
 def run_cat(cfg: CatArtConfig, data: Dataset, run_dir: Path, seed: int, *, resume=False, progress=None):
     """Stage 2: CAT on the frozen stage-1 user tables of every domain."""
+    check_names(data)
     device = loop.resolve_device(cfg.device)
     sdir = layout.seed_dir(run_dir, seed)
     blocks, _, mf_sha = stage1_tables(cfg, data, sdir, device)
@@ -218,6 +228,7 @@ def run_cat(cfg: CatArtConfig, data: Dataset, run_dir: Path, seed: int, *, resum
         lambda loss: {"training loss (negated)": -loss},  # no ranking to validate: the lowest loss is the best
         CAT,
         progress,
+        by_loss=True,
     )
     return sched.result(CAT, seed, out.best, timer, {}, {"domain": "cat"})
 
@@ -226,6 +237,7 @@ def run_art(
     cfg: CatArtConfig, data: Dataset, run_dir: Path, seed: int, domain: str, *, resume=False, progress=None
 ) -> loop.SeedResult:
     """Stage 3: ART for target ``domain``, from the stage-1 tables and the frozen CAT."""
+    check_names(data)
     device = loop.resolve_device(cfg.device)
     d = data.domain_index(domain)
     domain, lo, hi = data.domains[d], data.item_offsets[d], data.item_offsets[d + 1]

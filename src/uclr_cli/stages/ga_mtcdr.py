@@ -56,6 +56,13 @@ def stage_configs(cfg: GaMtcdrConfig, targets: list[str]) -> dict[str, dict]:
     return {WALK: walk, JOINT: joint}
 
 
+def check_names(data: Dataset) -> None:
+    """Refuse domains whose GA-MTCDR checkpoints would be one file (``x`` and ``walk-x``; ``joint``), before any
+    write."""
+    fixed = {layout.GA_MTCDR_JOINT: "GA-MTCDR's joint training"}
+    layout.check_distinct(data.domains, ("ga-mtcdr-walk", "ga-mtcdr"), fixed, data.path)
+
+
 def domain_graph(data: Dataset, d: int, device) -> Graph:
     """Domain ``d``'s user-item graph of train rows (items local), on ``device``."""
     lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
@@ -77,6 +84,7 @@ def run_walks(
     cfg: GaMtcdrConfig, data: Dataset, run_dir: Path, seed: int, domain: str, *, resume=False, progress=None
 ) -> loop.SeedResult:
     """Stage 1: DeepWalk + skip-gram on ``domain``'s train graph."""
+    check_names(data)
     device = loop.resolve_device(cfg.device)
     d = data.domain_index(domain)
     domain, lo, hi = data.domains[d], data.item_offsets[d], data.item_offsets[d + 1]
@@ -155,6 +163,7 @@ def run_joint(
     cfg: GaMtcdrConfig, data: Dataset, run_dir: Path, seed: int, targets: list[str], *, resume=False, progress=None
 ) -> list[loop.SeedResult]:
     """Stage 2: the target models over the frozen node vectors, trained round-robin over ``targets``."""
+    check_names(data)
     device = loop.resolve_device(cfg.device)
     idx = [data.domain_index(t) for t in targets]
     targets = [data.domains[d] for d in idx]

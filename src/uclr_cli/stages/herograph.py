@@ -59,6 +59,9 @@ def run_seed(
     cfg: HeroGraphConfig, data: Dataset, run_dir: Path, seed: int, targets: list[str], *, resume=False, progress=None
 ) -> list[loop.SeedResult]:
     """The joint model over ``targets`` (the graph holds every domain), one scorer per target."""
+    layout.check_distinct(
+        data.domains, ("herograph",), {layout.HEROGRAPH_JOINT: "HeroGraph's joint training"}, data.path
+    )
     device = loop.resolve_device(cfg.device)
     idx = [data.domain_index(t) for t in targets]
     targets = [data.domains[d] for d in idx]
