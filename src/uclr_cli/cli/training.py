@@ -83,9 +83,13 @@ def load_data(data: Path | None, run: Path | None) -> Dataset:
     return ds
 
 
+#: The stages that run data-parallel under torchrun (docs/distributed.md); the others are refused there.
+DATA_PARALLEL = (cfgmod.PretrainConfig, cfgmod.ContrastConfig)
+
+
 def resolve(model: type[cfgmod.StageConfig], flags: dict[str, Any], config_file: Path | None, seed: int | None = None):
     """Model defaults < TOML values < flags given on the command line; unknown keys are an error naming the key."""
-    if model is not cfgmod.PretrainConfig:
+    if model not in DATA_PARALLEL:
         one_process_only(model.__name__.removesuffix("Config").lower())
     values: dict[str, Any] = {}
     if config_file is not None:
@@ -205,7 +209,8 @@ def one_process_only(command: str) -> None:
     size = distributed.env_world_size()
     if size > 1:
         raise ConfigError(
-            f"uclr {command} runs in one process (only pretrain is data-parallel); launch it without torchrun",
+            f"uclr {command} runs in one process (only pretrain and contrast are data-parallel); launch it without "
+            "torchrun",
             f"WORLD_SIZE={size}",
         )
 
