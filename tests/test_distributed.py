@@ -180,6 +180,33 @@ def test_torchrun_contrast_equals_one_process(tiny_data, tmp_path):
     assert all(torch.allclose(one[k].double(), two[k].double(), rtol=1e-5, atol=1e-5) for k in one)
 
 
+FINETUNE = ("--rank", "4", "--epochs", "2", "--batch-size", "256", "--contrast-users", "64", "--seeds", "0")
+
+
+@pytest.mark.slow  # 20 s here
+def test_torchrun_finetune_equals_one_process(tiny_data, tmp_path):
+    """fp32 under torchrun with 2 ranks, every domain: the adapters and τ, u equal the single-process run's
+    within 1e-5; only rank 0 prints and writes."""
+    assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / "one", *PRETRAIN).exit_code == 0
+    assert run_cli("contrast", "--data", tiny_data, "--run", tmp_path / "one", *CONTRAST).exit_code == 0
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    assert run_cli("finetune", "--data", tiny_data, "--run", tmp_path / "one", *FINETUNE).exit_code == 0
+    r = _torchrun(2, "finetune", "--data", tiny_data, "--run", tmp_path / "two", *FINETUNE, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len([ln for ln in r.stdout.splitlines() if ln.startswith("finetune ")]) == 2 * 3  # 2 epochs, 3 domains
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*"))  # noqa: E731
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+    names = [p.name for p in (tmp_path / "one" / "seed-0").glob("finetune-*.safetensors")]
+    assert len(names) == 6, names
+    for name in names:
+        one, two = (load_file(tmp_path / run / "seed-0" / name) for run in ("one", "two"))
+        assert one.keys() == two.keys()
+        for k in one:
+            assert torch.allclose(one[k].double(), two[k].double(), rtol=1e-5, atol=1e-5), (name, k)
+        if name.endswith(".resume.safetensors"):  # the last epoch's adapter (the best may be the zero one)
+            assert one["lora_b"].abs().max() > 1e-4, name
+
+
 def _children(pid: int) -> dict[str, int]:
     """The worker processes torchrun ``pid`` started, by their RANK (read from /proc)."""
     ranks = {}
@@ -288,12 +315,12 @@ def test_a_batch_smaller_than_the_world_is_refused_before_joining(tiny_data, tmp
 
 def test_commands_that_are_not_data_parallel_are_refused_under_torchrun(tiny_data, tmp_path):
     env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
-    for args in (("finetune",), ("baseline", "bprmf"), ("ablate",)):
+    for args in (("baseline", "bprmf"), ("ablate",)):
         r = run_cli(*args, "--data", tiny_data, "--run", tmp_path / "r", env=env)
         assert r.exit_code == 1
         assert r.stderr.splitlines() == [
-            f"error: uclr {args[0]} runs in one process (only pretrain and contrast are data-parallel); launch it "
-            "without torchrun (WORLD_SIZE=2)"
+            f"error: uclr {args[0]} runs in one process (only pretrain, contrast and finetune are data-parallel); "
+            "launch it without torchrun (WORLD_SIZE=2)"
         ], r.stderr
     assert not (tmp_path / "r").exists()
 

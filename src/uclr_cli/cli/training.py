@@ -84,7 +84,7 @@ def load_data(data: Path | None, run: Path | None) -> Dataset:
 
 
 #: The stages that run data-parallel under torchrun (docs/distributed.md); the others are refused there.
-DATA_PARALLEL = (cfgmod.PretrainConfig, cfgmod.ContrastConfig)
+DATA_PARALLEL = (cfgmod.PretrainConfig, cfgmod.ContrastConfig, cfgmod.FinetuneConfig)
 
 
 def resolve(model: type[cfgmod.StageConfig], flags: dict[str, Any], config_file: Path | None, seed: int | None = None):
@@ -209,8 +209,8 @@ def one_process_only(command: str) -> None:
     size = distributed.env_world_size()
     if size > 1:
         raise ConfigError(
-            f"uclr {command} runs in one process (only pretrain and contrast are data-parallel); launch it without "
-            "torchrun",
+            f"uclr {command} runs in one process (only pretrain, contrast and finetune are data-parallel); launch "
+            "it without torchrun",
             f"WORLD_SIZE={size}",
         )
 
