@@ -180,6 +180,22 @@ def test_torchrun_contrast_equals_one_process(tiny_data, tmp_path):
     assert all(torch.allclose(one[k].double(), two[k].double(), rtol=1e-5, atol=1e-5) for k in one)
 
 
+@pytest.mark.slow  # 12 s here
+def test_rank_0_failing_to_write_ends_every_rank_in_one_line_each(tiny_data, tmp_path):
+    """Only rank 0 writes contrast's files: when that fails (here its resume state's path is a folder), rank 0
+    ends with its error, and rank 1 at its next collective with one line, at once rather than at the timeout."""
+    assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path, *PRETRAIN).exit_code == 0
+    (tmp_path / "seed-0" / "contrast.resume.safetensors").mkdir()
+    t0 = time.monotonic()
+    r = _torchrun(2, "contrast", "--data", tiny_data, "--run", tmp_path, *CONTRAST, cwd=tmp_path)
+    assert time.monotonic() - t0 < 50  # the collectives' timeout is 60 s
+    assert r.returncode != 0
+    errors = sorted(ln for ln in r.stderr.splitlines() if ln.startswith("error:"))  # either may come first
+    assert len(errors) == 2, r.stderr[-2000:]
+    assert errors[0].startswith("error: cannot write checkpoint: is a directory"), errors
+    assert errors[1].startswith("error: rank 1: another rank failed or timed out ("), errors
+
+
 FINETUNE = ("--rank", "4", "--epochs", "2", "--batch-size", "256", "--contrast-users", "64", "--seeds", "0")
 
 
