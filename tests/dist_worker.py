@@ -198,6 +198,62 @@ def _stages_worker(rank: int, size: int, init: str, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+# --- the single-domain baselines (stages/baseline.py): their own optimizers (Adam), float64 --------------------
+
+OFFSET = 3  # the domain's first global item id
+
+
+def train_baseline(world: distributed.World, kind: str, epochs: int = 3) -> dict[str, torch.Tensor]:
+    """``epochs`` of the baseline stage's NeuMF or LightGCN step with its optimizers (row-wise Adam on NeuMF's
+    tables with sparse gradients, Adam on the rest) over batches of 8, 8, 1, two negatives per positive."""
+    from uclr_cli.config import BaselineConfig
+    from uclr_cli.models.baselines import LightGCN, NeuMF, normalized_graph
+    from uclr_cli.stages.baseline import _Optimizers, neumf_step
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(0)
+        tu, ti = torch.randint(N_USERS, (N,), generator=g), torch.randint(N_ITEMS, (N,), generator=g) + OFFSET
+        init = torch.Generator().manual_seed(3)
+        if kind == "neumf":
+            model = NeuMF(N_USERS, N_ITEMS, OFFSET, DIM, [6, 3], gen=init, init_std=0.5)
+        else:
+            graph = normalized_graph(tu, ti - OFFSET, N_USERS, N_ITEMS).to(torch.float64)
+            model = LightGCN(N_USERS, N_ITEMS, OFFSET, DIM, 2, graph, gen=init, init_std=0.5)
+        opt = _Optimizers(kind, model, BaselineConfig(model=kind, lr=0.01))
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(epochs):
+            perm = torch.randperm(N, generator=gen)
+            for s in range(0, N, BATCH):
+                idx = perm[s : s + BATCH]
+                u, i = tu[idx], ti[idx]
+                if kind == "neumf":
+                    j = torch.randint(N_ITEMS, (2 * len(idx),), generator=gen) + OFFSET
+                    neumf_step(model, opt, u, i, j, 0.01, world)
+                    continue
+                u, i = u.repeat_interleave(2), i.repeat_interleave(2)  # as the stage: one BPR pair per negative
+                j = torch.randint(N_ITEMS, (len(u),), generator=gen) + OFFSET
+                p0, p1 = world.part(len(u))
+                if p1 > p0:
+                    loss = model.objective(u[p0:p1], i[p0:p1] - OFFSET, j[p0:p1] - OFFSET, 0.01)
+                    (loss * ((p1 - p0) / len(u)) if world.size > 1 else loss).backward()
+                opt.step(world)
+        return {k: v.detach().clone() for k, v in {**model.tensors(), **opt.state_tensors()}.items()}
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _baselines_worker(rank: int, size: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=60)
+    )
+    world = distributed.World(rank, size)
+    tensors = {f"{kind}/{k}": v for kind in ("neumf", "lightgcn") for k, v in train_baseline(world, kind).items()}
+    save_file(tensors, f"{out}/baselines{rank}.safetensors")
+    torch.distributed.destroy_process_group()
+
+
 # --- DCP states (uclr_cli.dcp): saved by 2 ranks, read back by 3 ------------------------------------------------
 
 DCP_META = {

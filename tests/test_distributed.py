@@ -31,11 +31,13 @@ from dist_worker import (
     KINDS,
     N_ITEMS,
     N_USERS,
+    _baselines_worker,
     _dcp_worker,
     _stages_worker,
     _train,
     _worker,
     dcp_tensors,
+    train_baseline,
     train_stages,
 )
 from uclr_cli import checkpoint as ckpt
@@ -108,6 +110,37 @@ def test_contrast_and_finetune_on_two_ranks_equal_one_process_fp64_sgd(tmp_path)
         if variant != "contrast-none":
             assert moved(f"{variant}/tau") and moved(f"{variant}/log_u"), variant
     assert moved("finetune/lora_a") and moved("finetune/lora_b") and moved("finetune/items")
+    print(f"relative error at most {max(errors.values()):.1e}")
+
+
+def test_baselines_on_two_ranks_equal_one_process_fp64(tmp_path):
+    """NeuMF (sparse table gradients summed over the rows the global batch touches, row-wise Adam; Adam on the
+    layers) and LightGCN (dense Adam) with the baseline stage's optimizers, float64, batches of 8, 8, 1 (an
+    empty share): 2 ranks bit-identical, equal to one process within 1e-12. Adam, unlike SGD, hides a gradient
+    off by a constant factor but for its eps; a local mean in NeuMF's step (uneven shares) is off by 2e-3."""
+    # one process first: the ranks are forked with torch.optim's lazy imports done (seconds each otherwise)
+    kinds = ("neumf", "lightgcn")
+    singles = {kind: train_baseline(distributed.SINGLE, kind) for kind in kinds}
+    ctx = mp.start_processes(
+        _baselines_worker, args=(2, f"file://{tmp_path}/rdzv", str(tmp_path)), nprocs=2, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        assert time.monotonic() < deadline, "the spawned ranks did not finish in 240 s"
+    ranks = [load_file(tmp_path / f"baselines{r}.safetensors") for r in (0, 1)]
+    errors = {}
+    for kind in kinds:
+        single, start = singles[kind], train_baseline(distributed.SINGLE, kind, 0)
+        for k, one in single.items():
+            two = ranks[0][f"{kind}/{k}"]
+            assert torch.equal(two, ranks[1][f"{kind}/{k}"]), (kind, k)
+            if not one.is_floating_point():  # Adam's step counters
+                assert torch.equal(two, one), (kind, k)
+                continue
+            errors[kind, k] = ((two - one).norm() / one.norm().clamp_min(1e-300)).item()
+            assert errors[kind, k] < 1e-12, (kind, k, errors[kind, k])
+            if k in start and not k.startswith("opt"):  # the weights: training moved them
+                assert (one - start[k]).norm() > 1e-3 * start[k].norm(), (kind, k)
     print(f"relative error at most {max(errors.values()):.1e}")
 
 
@@ -223,6 +256,30 @@ def test_torchrun_finetune_equals_one_process(tiny_data, tmp_path):
             assert one["lora_b"].abs().max() > 1e-4, name
 
 
+BASELINE = ("--dim", "8", "--epochs", "2", "--batch-size", "100", "--seeds", "0", "--domain", "books")
+
+
+@pytest.mark.slow  # 11-25 s each here
+@pytest.mark.parametrize("kind", ["bprmf", "lightgcn", "neumf"])
+def test_torchrun_baseline_equals_one_process(tiny_data, tmp_path, kind):
+    """fp32 under torchrun with 2 ranks (NeuMF with its towers first): every checkpoint equals the
+    single-process one within 1e-5; only rank 0 prints and writes."""
+    more = ("--pretrain-towers",) if kind == "neumf" else ()
+    args = ("baseline", kind, "--data", tiny_data, *BASELINE, *more)
+    assert run_cli(*args, "--run", tmp_path / "one").exit_code == 0
+    r = _torchrun(2, *args, "--run", tmp_path / "two", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*"))  # noqa: E731
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+    names = [p.name for p in (tmp_path / "one" / "seed-0").glob("baseline-*.safetensors")]
+    assert len(names) == (6 if kind == "neumf" else 2), names
+    for name in names:
+        one, two = (load_file(tmp_path / run / "seed-0" / name) for run in ("one", "two"))
+        assert one.keys() == two.keys()
+        for k in one:
+            assert torch.allclose(one[k].double(), two[k].double(), rtol=1e-5, atol=1e-5), (name, k)
+
+
 def _children(pid: int) -> dict[str, int]:
     """The worker processes torchrun ``pid`` started, by their RANK (read from /proc)."""
     ranks = {}
@@ -331,12 +388,12 @@ def test_a_batch_smaller_than_the_world_is_refused_before_joining(tiny_data, tmp
 
 def test_commands_that_are_not_data_parallel_are_refused_under_torchrun(tiny_data, tmp_path):
     env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
-    for args in (("baseline", "bprmf"), ("ablate",)):
+    for args in (("baseline", "cat-art"), ("baseline", "herograph"), ("ablate",)):
         r = run_cli(*args, "--data", tiny_data, "--run", tmp_path / "r", env=env)
         assert r.exit_code == 1
         assert r.stderr.splitlines() == [
-            f"error: uclr {args[0]} runs in one process (only pretrain, contrast and finetune are data-parallel); "
-            "launch it without torchrun (WORLD_SIZE=2)"
+            f"error: uclr {' '.join(args)} runs in one process (only pretrain, contrast, finetune and baseline "
+            "bprmf, lightgcn and neumf are data-parallel); launch it without torchrun (WORLD_SIZE=2)"
         ], r.stderr
     assert not (tmp_path / "r").exists()
 
