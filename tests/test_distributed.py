@@ -2,9 +2,11 @@
 
 Library level: two processes spawned with torch.multiprocessing run the row-wise step and the dense autograd
 step in float64 with SGD over batches whose last one is uneven (and one with an empty share), against one
-process. CLI level: a real ``torchrun --nproc-per-node 2 -m uclr_cli pretrain`` on the tiny data against the
-single-process command, a rank killed under ``torchrun --max-restarts 1`` and resumed, and bad input refused.
-Every launch runs under a timeout.
+process; likewise the contrast and finetune loops (SGD) and the NeuMF and LightGCN baseline steps (their
+Adam). CLI level: a real ``torchrun --nproc-per-node 2 -m uclr_cli pretrain`` on the tiny data against the
+single-process command, a rank killed under ``torchrun --max-restarts 1`` and resumed, and bad input refused;
+slow-marked, the same for contrast, finetune and the baselines, and a rank 0 that fails to write. Every
+launch runs under a timeout.
 """
 
 from __future__ import annotations
