@@ -1,5 +1,5 @@
 """The ranks of tests/test_distributed.py, spawned by torch.multiprocessing: this module imports only what
-they need (torch and three library modules), so a rank starts in about the time torch takes to import."""
+they need (torch and a few library modules), so a rank starts in about the time torch takes to import."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from uclr_cli import distributed
+from uclr_cli.config import ContrastLossConfig
+from uclr_cli.contrastive import TemperatureState, combined_loss
 from uclr_cli.losses import bpr_objective
+from uclr_cli.models.autoencoder import AutoEncoder
+from uclr_cli.models.lora import LoRAEmbedding
 from uclr_cli.optim import BPRRowStep
 
 N_USERS, N_ITEMS, DIM = 13, 11, 4
@@ -75,6 +79,179 @@ def _worker(rank: int, size: int, init: str, out: str) -> None:
         Path(out, "lost.txt").write_text(f"{time.perf_counter() - t0:.1f}\n{message}")
     else:
         torch.distributed.destroy_process_group()
+
+
+# --- contrast and finetune (stages/contrast.py, stages/finetune.py): SGD in float64 -------------------------------
+
+N_CON = 16  # contrast: users in batches of 5, 5, 5, 1 (the last one is skipped: no negative)
+TEMPERATURES = ("individual", "global", "none")
+CONTRAST_USERS = 5  # finetune's contrast batch: 3 and 2 anchors
+LR = 0.1  # larger steps amplify the float reordering (0.5: 5e-13 after 3 epochs, 1e-15 after 1)
+
+
+def _sgd(params: list[torch.Tensor]) -> None:
+    """Plain SGD by hand: torch.optim's first step imports for seconds."""
+    with torch.no_grad():
+        for p in params:
+            p.sub_(p.grad, alpha=LR)
+
+
+def _loss_cfg(temperature: str) -> ContrastLossConfig:
+    return ContrastLossConfig(temperature=temperature, tau_lr=0.05, tau_init=0.5, alpha=0.1, mask="element")
+
+
+def train_contrast(world: distributed.World, temperature: str, epochs: int = 3) -> dict[str, torch.Tensor]:
+    """``epochs`` of the contrast stage's loop over ``N_CON`` users: the autoencoder's weights and τ, u."""
+    torch.set_default_dtype(torch.float64)  # τ and u too, and the masks
+    try:
+        cfg = _loss_cfg(temperature)
+        x = torch.randn(N_CON, DIM, generator=torch.Generator().manual_seed(2))
+        torch.manual_seed(0)
+        ae = AutoEncoder(DIM, [5, 3])
+        params = list(ae.parameters())
+        temps = TemperatureState(N_CON, cfg, torch.device("cpu"))
+        gen = torch.Generator().manual_seed(1)
+        for epoch in range(1, epochs + 1):
+            perm = torch.randperm(N_CON, generator=gen)
+            for s in range(0, N_CON, 5):
+                b = perm[s : s + 5]
+                if len(b) < 2:
+                    continue
+                part = world.part(len(b)) if world.size > 1 else None
+                for p in params:
+                    p.grad = None
+                objective, _, step = combined_loss(ae, x[b], b, temps, cfg, gen, epoch == 1, part)
+                if objective.requires_grad:
+                    objective.backward()
+                world.sum_grads(params)
+                _sgd(params)
+                if step is not None:
+                    temps.update(b, step.log_u, step.grad_tau)
+        out = {f"ae.{k}": v.detach().clone() for k, v in ae.state_dict().items()}
+        return {**out, **{k: v.clone() for k, v in temps.tensors().items()}}
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def train_finetune(world: distributed.World, epochs: int = 3) -> dict[str, torch.Tensor]:
+    """``epochs`` of the finetune stage's loop: BPR on LoRA users through a trained autoencoder, items
+    trained, plus the contrastive term on ``CONTRAST_USERS`` users; batches of 8, 8, 1 (rank 1 of 2 gets no
+    BPR row in the last one, but its share of the contrast batch)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        cfg = _loss_cfg("individual")
+        g = torch.Generator().manual_seed(0)
+        base = torch.randn(N_USERS, DIM, generator=g) * 0.5
+        item_emb = torch.nn.Parameter(torch.randn(N_ITEMS, DIM, generator=g) * 0.5)
+        tu, ti = torch.randint(N_USERS, (N,), generator=g), torch.randint(N_ITEMS, (N,), generator=g)
+        torch.manual_seed(0)
+        ae = AutoEncoder(DIM, [5, 3])
+        lora = LoRAEmbedding(base, 2, 2.0, gen=torch.Generator().manual_seed(4))
+        params = [lora.lora_a, lora.lora_b, item_emb, *ae.parameters()]
+        temps = TemperatureState(N_USERS, cfg, torch.device("cpu"))
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(epochs):
+            perm = torch.randperm(N, generator=gen)
+            for s in range(0, N, BATCH):
+                idx = perm[s : s + BATCH]
+                u, i = tu[idx], ti[idx]
+                j = torch.randint(N_ITEMS, (len(idx),), generator=gen)
+                lo, hi = world.part(len(u))
+                loss = torch.zeros(())
+                if hi > lo:
+                    ul, il, jl = u[lo:hi], i[lo:hi], j[lo:hi]
+                    loss = bpr_objective(ae(lora.rows(ul)), item_emb[il], item_emb[jl], 0.01)
+                    if hi - lo < len(u):
+                        loss = loss * ((hi - lo) / len(u))
+                b = torch.randperm(N_USERS, generator=gen)[:CONTRAST_USERS]
+                part = world.part(len(b)) if world.size > 1 else None
+                obj, _, step = combined_loss(ae, lora.rows(b), b, temps, cfg, gen, False, part)
+                loss = loss + 0.5 * obj
+                for p in params:
+                    p.grad = None
+                if loss.requires_grad:
+                    loss.backward()
+                world.sum_grads(params)
+                _sgd(params)
+                temps.update(b, step.log_u, step.grad_tau)
+        out = {"lora_a": lora.lora_a, "lora_b": lora.lora_b, "items": item_emb}
+        out.update({f"ae.{k}": v for k, v in ae.state_dict().items()})
+        return {**{k: v.detach().clone() for k, v in out.items()}, **{k: v.clone() for k, v in temps.tensors().items()}}
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def train_stages(world: distributed.World, epochs: int = 3) -> dict[str, torch.Tensor]:
+    """Every variant of :func:`train_contrast` and :func:`train_finetune`, as ``<variant>/<tensor>``."""
+    out = {f"finetune/{k}": v for k, v in train_finetune(world, epochs).items()}
+    for temperature in TEMPERATURES:
+        out.update({f"contrast-{temperature}/{k}": v for k, v in train_contrast(world, temperature, epochs).items()})
+    return out
+
+
+def _stages_worker(rank: int, size: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=60)
+    )
+    save_file(train_stages(distributed.World(rank, size)), f"{out}/stages{rank}.safetensors")
+    torch.distributed.destroy_process_group()
+
+
+# --- the single-domain baselines (stages/baseline.py): their own optimizers (Adam), float64 --------------------
+
+OFFSET = 3  # the domain's first global item id
+
+
+def train_baseline(world: distributed.World, kind: str, epochs: int = 3) -> dict[str, torch.Tensor]:
+    """``epochs`` of the baseline stage's NeuMF or LightGCN step with its optimizers (row-wise Adam on NeuMF's
+    tables with sparse gradients, Adam on the rest) over batches of 8, 8, 1, two negatives per positive."""
+    from uclr_cli.config import BaselineConfig
+    from uclr_cli.models.baselines import LightGCN, NeuMF, normalized_graph
+    from uclr_cli.stages.baseline import _Optimizers, neumf_step
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(0)
+        tu, ti = torch.randint(N_USERS, (N,), generator=g), torch.randint(N_ITEMS, (N,), generator=g) + OFFSET
+        init = torch.Generator().manual_seed(3)
+        if kind == "neumf":
+            model = NeuMF(N_USERS, N_ITEMS, OFFSET, DIM, [6, 3], gen=init, init_std=0.5)
+        else:
+            graph = normalized_graph(tu, ti - OFFSET, N_USERS, N_ITEMS).to(torch.float64)
+            model = LightGCN(N_USERS, N_ITEMS, OFFSET, DIM, 2, graph, gen=init, init_std=0.5)
+        opt = _Optimizers(kind, model, BaselineConfig(model=kind, lr=0.01))
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(epochs):
+            perm = torch.randperm(N, generator=gen)
+            for s in range(0, N, BATCH):
+                idx = perm[s : s + BATCH]
+                u, i = tu[idx], ti[idx]
+                if kind == "neumf":
+                    j = torch.randint(N_ITEMS, (2 * len(idx),), generator=gen) + OFFSET
+                    neumf_step(model, opt, u, i, j, 0.01, world)
+                    continue
+                u, i = u.repeat_interleave(2), i.repeat_interleave(2)  # as the stage: one BPR pair per negative
+                j = torch.randint(N_ITEMS, (len(u),), generator=gen) + OFFSET
+                p0, p1 = world.part(len(u))
+                if p1 > p0:
+                    loss = model.objective(u[p0:p1], i[p0:p1] - OFFSET, j[p0:p1] - OFFSET, 0.01)
+                    (loss * ((p1 - p0) / len(u)) if world.size > 1 else loss).backward()
+                opt.step(world)
+        return {k: v.detach().clone() for k, v in {**model.tensors(), **opt.state_tensors()}.items()}
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _baselines_worker(rank: int, size: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=60)
+    )
+    world = distributed.World(rank, size)
+    tensors = {f"{kind}/{k}": v for kind in ("neumf", "lightgcn") for k, v in train_baseline(world, kind).items()}
+    save_file(tensors, f"{out}/baselines{rank}.safetensors")
+    torch.distributed.destroy_process_group()
 
 
 # --- DCP states (uclr_cli.dcp): saved by 2 ranks, read back by 3 ------------------------------------------------

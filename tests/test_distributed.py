@@ -2,9 +2,11 @@
 
 Library level: two processes spawned with torch.multiprocessing run the row-wise step and the dense autograd
 step in float64 with SGD over batches whose last one is uneven (and one with an empty share), against one
-process. CLI level: a real ``torchrun --nproc-per-node 2 -m uclr_cli pretrain`` on the tiny data against the
-single-process command, a rank killed under ``torchrun --max-restarts 1`` and resumed, and bad input refused.
-Every launch runs under a timeout.
+process; likewise the contrast and finetune loops (SGD) and the NeuMF and LightGCN baseline steps (their
+Adam). CLI level: a real ``torchrun --nproc-per-node 2 -m uclr_cli pretrain`` on the tiny data against the
+single-process command, a rank killed under ``torchrun --max-restarts 1`` and resumed, and bad input refused;
+slow-marked, the same for contrast, finetune and the baselines, and a rank 0 that fails to write. Every
+launch runs under a timeout.
 """
 
 from __future__ import annotations
@@ -24,7 +26,22 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from dist_worker import DCP_BEST_META, DCP_META, DIM, KINDS, N_ITEMS, N_USERS, _dcp_worker, _train, _worker, dcp_tensors
+from dist_worker import (
+    DCP_BEST_META,
+    DCP_META,
+    DIM,
+    KINDS,
+    N_ITEMS,
+    N_USERS,
+    _baselines_worker,
+    _dcp_worker,
+    _stages_worker,
+    _train,
+    _worker,
+    dcp_tensors,
+    train_baseline,
+    train_stages,
+)
 from uclr_cli import checkpoint as ckpt
 from uclr_cli import dcp, distributed
 from uclr_cli.errors import CheckpointError
@@ -62,6 +79,73 @@ def test_two_ranks_equal_one_process_fp64_sgd(tmp_path):
     assert float(seconds) < 45  # not the 60 s timeout: the closed connection is noticed at once
 
 
+def test_contrast_and_finetune_on_two_ranks_equal_one_process_fp64_sgd(tmp_path):
+    """The contrast loop (each variant; uneven shares, a skipped batch of one) and the finetune loop (an empty
+    BPR share) on 2 ranks end bit-identical and equal to one process within 1e-12 (float64, SGD): the
+    autoencoder, LoRA and items, and τ, its momentum and u, which every rank updates for the whole batch."""
+    ctx = mp.start_processes(
+        _stages_worker, args=(2, f"file://{tmp_path}/rdzv", str(tmp_path)), nprocs=2, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        assert time.monotonic() < deadline, "the spawned ranks did not finish in 240 s"
+    ranks = [load_file(tmp_path / f"stages{r}.safetensors") for r in (0, 1)]
+    single, start = train_stages(distributed.SINGLE), train_stages(distributed.SINGLE, epochs=0)
+    assert ranks[0].keys() == ranks[1].keys() == single.keys()
+    errors = {}
+    for k, one in single.items():
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+        if not one.isfinite().all():  # u of a user never drawn: -inf on every side
+            assert torch.equal(ranks[0][k], one), k
+            continue
+        errors[k] = ((ranks[0][k] - one).norm() / one.norm().clamp_min(1e-300)).item()
+        assert errors[k] < 1e-12, (k, errors[k])
+
+    def moved(k: str) -> bool:  # training changed it, by far more than the errors above
+        if not start[k].isfinite().all():  # u: -inf until the user is drawn
+            return not torch.equal(single[k], start[k])
+        return ((single[k] - start[k]).norm() > 1e-4 * start[k].norm().clamp_min(1e-3)).item()
+
+    for variant in ("finetune", *(f"contrast-{t}" for t in ("individual", "global", "none"))):
+        weights = [k for k in single if k.startswith(f"{variant}/ae.")]
+        assert weights and all(moved(k) for k in weights), variant
+        if variant != "contrast-none":
+            assert moved(f"{variant}/tau") and moved(f"{variant}/log_u"), variant
+    assert moved("finetune/lora_a") and moved("finetune/lora_b") and moved("finetune/items")
+    print(f"relative error at most {max(errors.values()):.1e}")
+
+
+def test_baselines_on_two_ranks_equal_one_process_fp64(tmp_path):
+    """NeuMF (sparse table gradients summed over the rows the global batch touches, row-wise Adam; Adam on the
+    layers) and LightGCN (dense Adam) with the baseline stage's optimizers, float64, batches of 8, 8, 1 (an
+    empty share): 2 ranks bit-identical, equal to one process within 1e-12. Adam, unlike SGD, hides a gradient
+    off by a constant factor but for its eps; a local mean in NeuMF's step (uneven shares) is off by 2e-3."""
+    # one process first: the ranks are forked with torch.optim's lazy imports done (seconds each otherwise)
+    kinds = ("neumf", "lightgcn")
+    singles = {kind: train_baseline(distributed.SINGLE, kind) for kind in kinds}
+    ctx = mp.start_processes(
+        _baselines_worker, args=(2, f"file://{tmp_path}/rdzv", str(tmp_path)), nprocs=2, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        assert time.monotonic() < deadline, "the spawned ranks did not finish in 240 s"
+    ranks = [load_file(tmp_path / f"baselines{r}.safetensors") for r in (0, 1)]
+    errors = {}
+    for kind in kinds:
+        single, start = singles[kind], train_baseline(distributed.SINGLE, kind, 0)
+        for k, one in single.items():
+            two = ranks[0][f"{kind}/{k}"]
+            assert torch.equal(two, ranks[1][f"{kind}/{k}"]), (kind, k)
+            if not one.is_floating_point():  # Adam's step counters
+                assert torch.equal(two, one), (kind, k)
+                continue
+            errors[kind, k] = ((two - one).norm() / one.norm().clamp_min(1e-300)).item()
+            assert errors[kind, k] < 1e-12, (kind, k, errors[kind, k])
+            if k in start and not k.startswith("opt"):  # the weights: training moved them
+                assert (one - start[k]).norm() > 1e-3 * start[k].norm(), (kind, k)
+    print(f"relative error at most {max(errors.values()):.1e}")
+
+
 def _torchrun(nproc: int, *args, cwd: Path, timeout: float = 150) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
@@ -96,6 +180,106 @@ def test_torchrun_pretrain_equals_one_process(tiny_data, tmp_path):
     one, two = (load_file(tmp_path / run / "seed-0" / "pretrain.resume.safetensors") for run in ("one", "two"))
     assert ckpt.read_header(tmp_path / "two" / "seed-0" / "pretrain.resume.safetensors")["epoch"] == 4
     assert all(torch.allclose(one[k].double(), two[k].double(), rtol=1e-5, atol=1e-5) for k in one)
+
+
+CONTRAST = ("--hidden", "8,4", "--epochs", "3", "--batch-size", "64", "--seeds", "0")
+
+
+@pytest.mark.slow  # 18 s here: two torchrun ranks and three single-process runs
+def test_torchrun_contrast_equals_one_process(tiny_data, tmp_path):
+    """fp32 under torchrun with 2 ranks (300 users: batches of 64 and a last one of 44): the autoencoder, τ
+    and u equal the single-process run's within 1e-5; only rank 0 prints and writes; it resumes in one
+    process."""
+    assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / "one", *PRETRAIN).exit_code == 0
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    assert run_cli("contrast", "--data", tiny_data, "--run", tmp_path / "one", *CONTRAST).exit_code == 0
+    r = _torchrun(2, "contrast", "--data", tiny_data, "--run", tmp_path / "two", *CONTRAST, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [ln.split(" loss=")[0] for ln in r.stdout.splitlines() if ln.startswith("contrast seed=")] == [
+        f"contrast seed=0 epoch={e}/3" for e in (1, 2, 3)
+    ]
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*"))  # noqa: E731
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+    for name in ("contrast.safetensors", "contrast.resume.safetensors"):
+        one, two = (load_file(tmp_path / run / "seed-0" / name) for run in ("one", "two"))
+        assert one.keys() == two.keys()
+        for k in one:
+            assert torch.allclose(one[k].double(), two[k].double(), rtol=1e-5, atol=1e-5), (name, k)
+        assert torch.equal(one["rng"], two["rng"]) if "rng" in one else True
+    tau = load_file(tmp_path / "one" / "seed-0" / "contrast.safetensors")["tau"]
+    assert not torch.allclose(tau, torch.full_like(tau, 0.1)), "τ did not train"
+    for run in ("one", "two"):  # the 2-rank run's resume state resumes in one process, as the other
+        more = ("--epochs", "4", "--resume")
+        assert run_cli("contrast", "--data", tiny_data, "--run", tmp_path / run, *CONTRAST, *more).exit_code == 0
+    one, two = (load_file(tmp_path / run / "seed-0" / "contrast.resume.safetensors") for run in ("one", "two"))
+    assert all(torch.allclose(one[k].double(), two[k].double(), rtol=1e-5, atol=1e-5) for k in one)
+
+
+@pytest.mark.slow  # 12 s here
+def test_rank_0_failing_to_write_ends_every_rank_in_one_line_each(tiny_data, tmp_path):
+    """Only rank 0 writes contrast's files: when that fails (here its resume state's path is a folder), rank 0
+    ends with its error, and rank 1 at its next collective with one line, at once rather than at the timeout."""
+    assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path, *PRETRAIN).exit_code == 0
+    (tmp_path / "seed-0" / "contrast.resume.safetensors").mkdir()
+    t0 = time.monotonic()
+    r = _torchrun(2, "contrast", "--data", tiny_data, "--run", tmp_path, *CONTRAST, cwd=tmp_path)
+    assert time.monotonic() - t0 < 50  # the collectives' timeout is 60 s
+    assert r.returncode != 0
+    errors = sorted(ln for ln in r.stderr.splitlines() if ln.startswith("error:"))  # either may come first
+    assert len(errors) == 2, r.stderr[-2000:]
+    assert errors[0].startswith("error: cannot write checkpoint: is a directory"), errors
+    assert errors[1].startswith("error: rank 1: another rank failed or timed out ("), errors
+
+
+FINETUNE = ("--rank", "4", "--epochs", "2", "--batch-size", "256", "--contrast-users", "64", "--seeds", "0")
+
+
+@pytest.mark.slow  # 20 s here
+def test_torchrun_finetune_equals_one_process(tiny_data, tmp_path):
+    """fp32 under torchrun with 2 ranks, every domain: the adapters and τ, u equal the single-process run's
+    within 1e-5; only rank 0 prints and writes."""
+    assert run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / "one", *PRETRAIN).exit_code == 0
+    assert run_cli("contrast", "--data", tiny_data, "--run", tmp_path / "one", *CONTRAST).exit_code == 0
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    assert run_cli("finetune", "--data", tiny_data, "--run", tmp_path / "one", *FINETUNE).exit_code == 0
+    r = _torchrun(2, "finetune", "--data", tiny_data, "--run", tmp_path / "two", *FINETUNE, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len([ln for ln in r.stdout.splitlines() if ln.startswith("finetune ")]) == 2 * 3  # 2 epochs, 3 domains
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*"))  # noqa: E731
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+    names = [p.name for p in (tmp_path / "one" / "seed-0").glob("finetune-*.safetensors")]
+    assert len(names) == 6, names
+    for name in names:
+        one, two = (load_file(tmp_path / run / "seed-0" / name) for run in ("one", "two"))
+        assert one.keys() == two.keys()
+        for k in one:
+            assert torch.allclose(one[k].double(), two[k].double(), rtol=1e-5, atol=1e-5), (name, k)
+        if name.endswith(".resume.safetensors"):  # the last epoch's adapter (the best may be the zero one)
+            assert one["lora_b"].abs().max() > 1e-4, name
+
+
+BASELINE = ("--dim", "8", "--epochs", "2", "--batch-size", "100", "--seeds", "0", "--domain", "books")
+
+
+@pytest.mark.slow  # 11-25 s each here
+@pytest.mark.parametrize("kind", ["bprmf", "lightgcn", "neumf"])
+def test_torchrun_baseline_equals_one_process(tiny_data, tmp_path, kind):
+    """fp32 under torchrun with 2 ranks (NeuMF with its towers first): every checkpoint equals the
+    single-process one within 1e-5; only rank 0 prints and writes."""
+    more = ("--pretrain-towers",) if kind == "neumf" else ()
+    args = ("baseline", kind, "--data", tiny_data, *BASELINE, *more)
+    assert run_cli(*args, "--run", tmp_path / "one").exit_code == 0
+    r = _torchrun(2, *args, "--run", tmp_path / "two", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*"))  # noqa: E731
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+    names = [p.name for p in (tmp_path / "one" / "seed-0").glob("baseline-*.safetensors")]
+    assert len(names) == (6 if kind == "neumf" else 2), names
+    for name in names:
+        one, two = (load_file(tmp_path / run / "seed-0" / name) for run in ("one", "two"))
+        assert one.keys() == two.keys()
+        for k in one:
+            assert torch.allclose(one[k].double(), two[k].double(), rtol=1e-5, atol=1e-5), (name, k)
 
 
 def _children(pid: int) -> dict[str, int]:
@@ -206,12 +390,12 @@ def test_a_batch_smaller_than_the_world_is_refused_before_joining(tiny_data, tmp
 
 def test_commands_that_are_not_data_parallel_are_refused_under_torchrun(tiny_data, tmp_path):
     env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
-    for args in (("contrast",), ("baseline", "bprmf"), ("ablate",)):
+    for args in (("baseline", "cat-art"), ("baseline", "herograph"), ("ablate",)):
         r = run_cli(*args, "--data", tiny_data, "--run", tmp_path / "r", env=env)
         assert r.exit_code == 1
         assert r.stderr.splitlines() == [
-            f"error: uclr {args[0]} runs in one process (only pretrain is data-parallel); launch it without "
-            "torchrun (WORLD_SIZE=2)"
+            f"error: uclr {' '.join(args)} runs in one process (only pretrain, contrast, finetune and baseline "
+            "bprmf, lightgcn and neumf are data-parallel); launch it without torchrun (WORLD_SIZE=2)"
         ], r.stderr
     assert not (tmp_path / "r").exists()
 

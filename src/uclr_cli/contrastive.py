@@ -71,16 +71,38 @@ def combined_loss(
     loss: ContrastLossConfig,
     gen,
     first_epoch: bool,
+    part: tuple[int, int] | None = None,
 ):
-    """L_con (FCCO surrogate) + α·L_rec on a batch; returns (objective, reported value, step)."""
+    """L_con (FCCO surrogate) + α·L_rec on a batch; returns (objective, reported value, step).
+
+    ``part`` ``(lo, hi)``: a data-parallel rank's anchors. Its objective and value are their terms only, as
+    their share of the batch mean, so the ranks' add up to the batch's (zero for an empty share). The rank
+    still encodes the whole batch (its anchors' negatives) and draws the whole batch's mask, so the
+    generator advances alike everywhere; ``step`` (u and the τ gradient) is the whole batch's on every rank.
+    """
+    n = len(x)
+    lo, hi = part or (0, n)
+    share = (hi - lo) / n
+    zero = x.new_zeros(())
     if loss.temperature == "none":  # the plain AE ablation: one stream, reconstruction only
-        rec = reconstruction_loss(ae(x), x)
+        if hi == lo:
+            return zero, zero, None
+        rec = reconstruction_loss(ae(x[lo:hi]), x[lo:hi])
+        if share != 1:
+            rec = rec * share
         return loss.alpha * rec, loss.alpha * rec.detach(), None
     z1 = ae.encode(x)
     z2 = ae.encode(masked(x, loss, gen))
     h = differences(cosine_matrix(z1, z2))
+    gamma = 1.0 if first_epoch else loss.gamma
     step = user_aware_contrastive(
-        h, temps.batch_tau(users), temps.log_u[users], gamma=1.0 if first_epoch else loss.gamma, rho=loss.rho
+        h, temps.batch_tau(users), temps.log_u[users], gamma=gamma, rho=loss.rho, rows=part if hi > lo else None
     )
-    rec = reconstruction_loss(ae.decode(z1), x) + reconstruction_loss(ae.decode(z2), x)
-    return step.surrogate + loss.alpha * rec, step.value + loss.alpha * rec.detach(), step
+    if hi == lo:
+        return zero, zero, step
+    xs = x[lo:hi]
+    rec = reconstruction_loss(ae.decode(z1[lo:hi]), xs) + reconstruction_loss(ae.decode(z2[lo:hi]), xs)
+    objective, value = step.surrogate + loss.alpha * rec, step.value + loss.alpha * rec.detach()
+    if share != 1:
+        objective, value = objective * share, value * share
+    return objective, value, step

@@ -96,6 +96,7 @@ def user_aware_contrastive(
     *,
     gamma: float,
     rho: float,
+    rows: tuple[int, int] | None = None,
 ) -> ContrastStep:
     """One FCCO step of the user-aware contrastive loss on a batch.
 
@@ -105,6 +106,9 @@ def user_aware_contrastive(
     surrogate whose gradient is mean_i mean_k w_ik ∇h_ik with
     w_ik = exp(h_ik/τ_i - log u_i), i.e. τ_i/u_i·∇g_i of eq. 13, and the τ
     gradient  log u_i + ρ - mean_k (h_ik/τ_i)·w_ik.
+
+    ``rows`` ``(lo, hi)``: ``surrogate`` and ``value`` are means over those anchors only (a data-parallel
+    rank's share, not empty); ``log_u`` and ``grad_tau`` are always the whole batch's.
     """
     tau = tau.detach().reshape(-1)
     with torch.no_grad():
@@ -116,6 +120,9 @@ def user_aware_contrastive(
             log_u = torch.logaddexp(math.log1p(-gamma) + log_u_prev, math.log(gamma) + lg)
         w = torch.exp(z - log_u[:, None])  # bounded by (B-1)/gamma since u >= gamma·g
         grad_tau = log_u + rho - (z * w).mean(dim=1)
+    if rows is not None:
+        lo, hi = rows
+        w, h, tau, lg = (t[lo:hi] for t in (w, h, tau, lg))
     surrogate = (w * h).mean(dim=1).mean()
     value = (tau * lg).mean()
     return ContrastStep(surrogate=surrogate, value=value, log_u=log_u, grad_tau=grad_tau)

@@ -49,13 +49,14 @@ def _single_domain(kind: str):
     ) -> None:
         cfg, ds, run_dir = training.resolve(BaselineConfig, {**flags, "model": kind}, config, seed)
         domains = training.chosen_domains(cfg.domain, ds)
+        world = training.join(cfg, cfg.batch_size, resume)  # under torchrun: data-parallel (docs/distributed.md)
         name_ = stage.stage_name(kind)
         training.write_config(run_dir, name_, cfg, ds)
-        results = training.run_seeds(
-            name_,
-            cfg.seeds,
-            lambda s, rep: [stage.run_domain(cfg, ds, run_dir, s, d, resume=resume, progress=rep) for d in domains],
-        )
+
+        def seed_(s: int, rep: training.Reporter) -> list:
+            return [stage.run_domain(cfg, ds, run_dir, s, d, resume=resume, progress=rep, world=world) for d in domains]
+
+        results = training.run_seeds(name_, cfg.seeds, seed_)
         training.print_summary(name_, training.merge_domains(results), ds.domains)
 
     command.__doc__ = f"Train single-domain {registry.BASELINES[kind]} on each domain's train interactions."

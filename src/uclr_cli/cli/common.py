@@ -115,7 +115,8 @@ class UclrGroup(TyperGroup):
             if rank == 0:
                 print(f"error: {line}", file=sys.stderr)
             elif distributed.JOINED:  # under torchrun: a check before joining failed alike on rank 0, which said it
-                print(f"error: rank {rank}: {line}", file=sys.stderr)
+                who = "" if line.startswith(f"rank {rank}") else f"rank {rank}: "  # said once
+                print(f"error: {who}{line}", file=sys.stderr)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)

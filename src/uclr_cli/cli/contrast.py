@@ -15,15 +15,18 @@ from uclr_cli.stages import contrast as stage
 def contrast(flags, seed: options.Seed = None, resume: options.Resume = False, config: options.Config = None) -> None:
     """Train the contrastive dual-stream autoencoder on the pretrained user table."""
     cfg, ds, run_dir = training.resolve(ContrastConfig, flags, config, seed)
+    world = training.join(cfg, cfg.batch_size, resume)  # under torchrun: data-parallel (docs/distributed.md)
     training.write_config(run_dir, f"{stage.STAGE}-{cfg.temperature}", cfg, ds)
     results = training.run_seeds(
-        stage.STAGE, cfg.seeds, lambda s, rep: stage.run_seed(cfg, ds, run_dir, s, resume=resume, progress=rep)
+        stage.STAGE,
+        cfg.seeds,
+        lambda s, rep: stage.run_seed(cfg, ds, run_dir, s, resume=resume, progress=rep, world=world),
     )
     training.print_summary(
         f"{stage.STAGE} ({cfg.temperature})",
         results,
         ds.domains,
-        [tau_table(results)] if cfg.temperature != "none" else [],
+        [tau_table(results)] if cfg.temperature != "none" and world.main else [],
     )
 
 

@@ -12,10 +12,11 @@ def finetune(flags, seed: options.Seed = None, resume: options.Resume = False, c
     """Finetune the whole framework per domain with LoRA on the user table."""
     cfg, ds, run_dir = training.resolve(FinetuneConfig, flags, config, seed)
     domains = ds.domains if cfg.domain == "all" else [ds.domains[ds.domain_index(cfg.domain)]]
+    world = training.join(cfg, cfg.batch_size, resume)  # under torchrun: data-parallel (docs/distributed.md)
     training.write_config(run_dir, stage.STAGE, cfg, ds)
-    results = training.run_seeds(
-        stage.STAGE,
-        cfg.seeds,
-        lambda s, rep: [stage.run_domain(cfg, ds, run_dir, s, d, resume=resume, progress=rep) for d in domains],
-    )
+
+    def seed(s: int, rep: training.Reporter) -> list:
+        return [stage.run_domain(cfg, ds, run_dir, s, d, resume=resume, progress=rep, world=world) for d in domains]
+
+    results = training.run_seeds(stage.STAGE, cfg.seeds, seed)
     training.print_summary(stage.STAGE, training.merge_domains(results), ds.domains)

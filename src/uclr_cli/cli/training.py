@@ -83,10 +83,21 @@ def load_data(data: Path | None, run: Path | None) -> Dataset:
     return ds
 
 
+#: The stages that run data-parallel under torchrun (docs/distributed.md); the others are refused there.
+DATA_PARALLEL = (cfgmod.PretrainConfig, cfgmod.ContrastConfig, cfgmod.FinetuneConfig, cfgmod.BaselineConfig)
+
+#: The commands of the configs that are not named after their command.
+COMMANDS = {
+    cfgmod.CatArtConfig: "baseline cat-art",
+    cfgmod.GaMtcdrConfig: "baseline ga-mtcdr",
+    cfgmod.HeroGraphConfig: "baseline herograph",
+}
+
+
 def resolve(model: type[cfgmod.StageConfig], flags: dict[str, Any], config_file: Path | None, seed: int | None = None):
     """Model defaults < TOML values < flags given on the command line; unknown keys are an error naming the key."""
-    if model is not cfgmod.PretrainConfig:
-        one_process_only(model.__name__.removesuffix("Config").lower())
+    if model not in DATA_PARALLEL:
+        one_process_only(COMMANDS.get(model, model.__name__.removesuffix("Config").lower()))
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(cfgmod.read_toml(config_file))
@@ -205,7 +216,8 @@ def one_process_only(command: str) -> None:
     size = distributed.env_world_size()
     if size > 1:
         raise ConfigError(
-            f"uclr {command} runs in one process (only pretrain is data-parallel); launch it without torchrun",
+            f"uclr {command} runs in one process (only pretrain, contrast, finetune and baseline bprmf, lightgcn "
+            "and neumf are data-parallel); launch it without torchrun",
             f"WORLD_SIZE={size}",
         )
 

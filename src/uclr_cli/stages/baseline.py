@@ -16,6 +16,10 @@ The rules are those of the other stages: checkpoint
 ``seed-<s>/baseline-<name>-<domain>.safetensors`` (best epoch on the domain's
 validation NDCG@10), per-epoch resume state with optimizer and generator,
 early stopping, refusal of another stage, dataset or shape on load.
+Under ``torchrun`` the loop is data-parallel (``world``, :mod:`uclr_cli.distributed`), as pretrain's:
+every rank draws the negatives of the whole global batch, computes the loss of its share divided by the
+global batch size, and the gradients are summed (for the row-wise tables only the rows the global batch
+touches); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from uclr_cli import layout, loop
+from uclr_cli import distributed, layout, loop
 from uclr_cli.config import BASELINE_OPTIONS, ROWWISE, BaselineConfig
 from uclr_cli.data.dataset import Dataset, sha256_file
 from uclr_cli.errors import CheckpointError
@@ -93,16 +97,28 @@ class _Optimizers:
         for p in self.tables.values():
             p.grad = None
 
-    def step(self) -> None:
-        """After ``backward``: row-wise Adam on the rows with (sparse) gradients, Adam on the rest."""
+    def step(self, world: distributed.World = distributed.SINGLE, rows: dict[str, torch.Tensor] | None = None) -> None:
+        """After ``backward``: row-wise Adam on the rows with (sparse) gradients, Adam on the rest.
+
+        Data-parallel: ``rows[name]`` are the sorted unique rows of each table that the global batch touches
+        (the same on every rank, and the rows one process's gradient has). Each rank puts its sparse gradient
+        into those rows, and they are summed over the ranks (only they cross the network); the dense
+        gradients are summed whole."""
         if self.tables:
             updates = {}
             for n, p in self.tables.items():
-                if p.grad is not None:
+                if world.size > 1:
+                    g = torch.zeros(len(rows[n]), p.shape[1], dtype=p.dtype, device=p.device)
+                    if p.grad is not None:  # None: an empty share
+                        c = p.grad.coalesce()
+                        g.index_add_(0, torch.searchsorted(rows[n], c.indices()[0]), c.values())
+                    updates[n] = (rows[n], world.sum_(g))
+                elif p.grad is not None:
                     g = p.grad.coalesce()  # unique rows, duplicate rows summed
                     updates[n] = (g.indices()[0], g.values())
             self.row.step(updates)
         if self.dense is not None:
+            world.sum_grads([p for group in self.dense.param_groups for p in group["params"]])  # one process: no-op
             self.dense.step()
         self.zero_grad()
 
@@ -131,16 +147,17 @@ def run_domain(
     kind: str | None = None,
     resume: bool = False,
     progress: loop.Progress | None = None,
+    world: distributed.World = distributed.SINGLE,
 ) -> loop.SeedResult:
     """Train baseline ``kind`` (default ``cfg.model``) for one seed on one domain.
 
     Writes ``seed-<s>/baseline-<kind>-<domain>.safetensors`` (best epoch on
-    the domain's validation NDCG@10) and its per-epoch resume state.
+    the domain's validation NDCG@10) and its per-epoch resume state (rank 0 of ``world`` only).
     """
     kind = kind or cfg.model
     if kind not in _KINDS:
         raise ValueError(f"unknown baseline {kind!r}")
-    device = loop.resolve_device(cfg.device)
+    device = distributed.device_for(loop.resolve_device(cfg.device))
     d = data.domain_index(domain)
     domain = data.domains[d]
     lo, hi = data.item_offsets[d], data.item_offsets[d + 1]
@@ -153,7 +170,9 @@ def run_domain(
     towers: dict[str, str] = {}
     if kind == "neumf" and cfg.pretrain_towers:  # GMF and MLP alone first, each with its own checkpoint
         for t in TOWERS:
-            run_domain(cfg, data, run_dir, seed, domain, kind=t, resume=resume, progress=progress)
+            run_domain(cfg, data, run_dir, seed, domain, kind=t, resume=resume, progress=progress, world=world)
+        world.sum_(torch.zeros(1, device=device))  # a barrier: rank 0 has written the towers' files
+        for t in TOWERS:
             towers[t] = sha256_file(out_dir / layout.baseline_name(t, domain))
     k = _KINDS.index(kind)
     init_gen = torch.Generator().manual_seed(seed * 7919 + 101 * d + k)
@@ -171,7 +190,8 @@ def run_domain(
         return {domain: baseline_valid_score(model, data, domain)}
 
     sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
-    if resume and out.state.is_file():
+    # every rank reads rank 0's safetensors resume state, if rank 0 sees one
+    if resume and world.rank0s(out.state.is_file(), device):
         expect = {"domain": domain, "towers_sha256": towers or None}
         t = out.load_state(sched, gen, expect=expect)
         try:
@@ -196,39 +216,74 @@ def run_domain(
             u, i = tu[idx], ti[idx]
             if kind in ("bprmf", "lightgcn") and n_neg > 1:  # one BPR pair per negative
                 u, i = u.repeat_interleave(n_neg), i.repeat_interleave(n_neg)
+            p0, p1 = world.part(len(u))  # this rank's share (the whole batch in one process)
+            share = (p1 - p0) / len(u)  # its part of the global batch's mean
             if kind == "bprmf":
-                j = sampler(u, torch.full_like(u, d), gen)
-                loss = opt.row.step(u, i - lo, j - lo)
+                j = sampler(u, torch.full_like(u, d), gen)  # for the whole global batch: alike on every rank
+                if world.size > 1:  # the fused row-wise step sums the touched rows' gradients (as pretrain's)
+                    loss = opt.row.step(u, i - lo, j - lo, part=(p0, p1), reduce=world.sum_)
+                else:
+                    loss = opt.row.step(u, i - lo, j - lo)
             elif kind == "lightgcn":
                 j = sampler(u, torch.full_like(u, d), gen)
-                loss = model.objective(u, i - lo, j - lo, cfg.role_regs())
-                loss.backward()
-                opt.step()
+                loss = torch.zeros((), device=device)
+                if p1 > p0:
+                    loss = model.objective(u[p0:p1], i[p0:p1] - lo, j[p0:p1] - lo, cfg.role_regs())
+                    if share != 1:
+                        loss = loss * share
+                    loss.backward()
+                opt.step(world)
             else:  # NeuMF and its towers: log loss on the positive and `n_neg` negatives of each row
-                uu = u.repeat_interleave(n_neg)
-                j = sampler(uu, td[idx].repeat_interleave(n_neg), gen)
-                loss = neumf_objective(model, u, i, uu, j, cfg.reg)
-                loss.backward()
-                opt.step()
+                j = sampler(u.repeat_interleave(n_neg), td[idx].repeat_interleave(n_neg), gen)
+                loss = neumf_step(model, opt, u, i, j, cfg.reg, world)
             total += loss.detach() * len(idx)
-        epoch_loss = float(total) / max(n, 1)  # a host sync: the epoch's training is done
+        epoch_loss = float(world.sum_(total)) / max(n, 1)  # a host sync: the epoch's training is done
         sched.trained(n, t0.elapsed())
         loop.check_finite(epoch_loss, f"{stage} {domain}", seed, epoch)
         sc, improved = sched.validate(epoch, score)
-        if improved:
+        if improved and world.main:
             out.save_best(model.tensors(), epoch, sched.best)
         done = sched.done(epoch)
-        tensors = {**model.tensors(), **opt.state_tensors()}
-        out.save_state(sched, epoch, done, tensors, gen)
+        if world.main:
+            out.save_state(sched, epoch, done, {**model.tensors(), **opt.state_tensors()}, gen)
         if progress:
             progress(sched.event(f"{stage} {domain}", seed, epoch, epoch_loss, sc))
         if done:
             break
 
-    if not out.best.is_file():  # zero epochs: save the initial model
+    if world.main and not out.best.is_file():  # zero epochs: save the initial model
         sched.start_from(score())
         out.save_best(model.tensors(), 0, sched.best)
     return sched.result(f"{stage} {domain}", seed, out.best, timer, {domain: sched.best}, {"domain": domain})
+
+
+def neumf_step(
+    model: NeuMF,
+    opt: _Optimizers,
+    u: torch.Tensor,
+    i: torch.Tensor,
+    j: torch.Tensor,
+    reg: float,
+    world: distributed.World,
+) -> torch.Tensor:
+    """One step of NeuMF (or a tower) on a global batch: positives ``(u, i)`` and each row's negatives ``j``
+    (``len(j) / len(u)`` per row, in row order). Each rank takes its share of the rows, its loss divided by
+    the global batch; the optimizers sum the gradients over the ranks. Returns the share's part of the loss."""
+    n_neg = len(j) // len(u)
+    p0, p1 = world.part(len(u))  # the whole batch in one process
+    loss = torch.zeros((), device=u.device)
+    if p1 > p0:
+        uu = u[p0:p1].repeat_interleave(n_neg)
+        loss = neumf_objective(model, u[p0:p1], i[p0:p1], uu, j[p0 * n_neg : p1 * n_neg], reg)
+        if p1 - p0 < len(u):
+            loss = loss * ((p1 - p0) / len(u))
+        loss.backward()
+    rows = None
+    if world.size > 1:  # the rows of each table the global batch touches
+        user_rows, item_rows = torch.unique(u), torch.unique(torch.cat([i, j]) - model.item_offset)
+        rows = {name: user_rows if name.endswith("_user") else item_rows for name in opt.tables}
+    opt.step(world, rows)
+    return loss
 
 
 def neumf_objective(

@@ -4,6 +4,9 @@ Stream 1 encodes E, stream 2 a masked copy E'; one set of weights serves
 both. ``temperature`` picks the variant: ``individual`` (UCL-AE, one τ per
 user), ``global`` (CL-AE, one learnable τ), ``none`` (plain AE, reconstruction
 only, single stream). Users are scored with Dec(Enc(E)) against the PGE items.
+Under ``torchrun`` the loop is data-parallel (``world``, :mod:`uclr_cli.distributed`): every rank encodes
+the whole global batch and draws its whole mask, takes the loss terms of its share of the anchors, and the
+gradients are summed; τ and u are updated for the whole batch on every rank. Rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 import torch
 
 from uclr_cli import checkpoint as ckpt
-from uclr_cli import layout, loop
+from uclr_cli import distributed, layout, loop
 from uclr_cli.config import ContrastConfig
 from uclr_cli.contrastive import TemperatureState, combined_loss
 from uclr_cli.data.dataset import Dataset, sha256_file
@@ -44,9 +47,11 @@ def run_seed(
     *,
     resume: bool = False,
     progress: loop.Progress | None = None,
+    world: distributed.World = distributed.SINGLE,
 ) -> loop.SeedResult:
-    """Train one seed's autoencoder; writes ``contrast[-variant].safetensors`` (best on valid)."""
-    device = loop.resolve_device(cfg.device)
+    """Train one seed's autoencoder; writes ``contrast[-variant].safetensors`` (best on valid; rank 0 of
+    ``world`` only)."""
+    device = distributed.device_for(loop.resolve_device(cfg.device))
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds"})
     out = loop.Outputs.of(STAGE, data, run_dir, seed, layout.CONTRAST[cfg.temperature], config)
     pre_path = loop.require(out.best.parent / layout.PRETRAIN, "pretrain checkpoint")
@@ -59,7 +64,8 @@ def run_seed(
     dim = E.shape[1]
     torch.manual_seed(seed)
     ae = AutoEncoder(dim, cfg.hidden).to(device)
-    opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
+    params = list(ae.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     opt_names = [f"ae.{k}" for k, _ in ae.named_parameters()]
     temps = TemperatureState(data.n_users, cfg, device)
     gen = loop.generator(device, seed, 2)
@@ -70,10 +76,12 @@ def run_seed(
             return loop.valid_scores(data, with_fixed_column(ae(E), fixed), items, data.valid)
 
     def save_best(epoch: int) -> None:
-        out.save_best({**ae_tensors(ae), **temps.tensors()}, epoch, sched.best)
+        if world.main:
+            out.save_best({**ae_tensors(ae), **temps.tensors()}, epoch, sched.best)
 
     sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
-    if resume and out.state.is_file():
+    # every rank reads rank 0's safetensors resume state (a small model: no DCP), if rank 0 sees one
+    if resume and world.rank0s(out.state.is_file(), device):
         t = out.load_state(sched, gen, expect={"pretrain_sha256": pre_sha})
         load_ae(ae, t)
         temps.load(t)
@@ -88,32 +96,38 @@ def run_seed(
             b = perm[s : s + cfg.batch_size]
             if len(b) < 2:  # a contrast needs at least one negative
                 continue
-            objective, value, step = combined_loss(ae, E[b], b, temps, cfg, gen, first_epoch=epoch == 1)
+            part = world.part(len(b)) if world.size > 1 else None  # this rank's anchors (all in one process)
             opt.zero_grad(set_to_none=True)
-            objective.backward()
+            objective, value, step = combined_loss(ae, E[b], b, temps, cfg, gen, epoch == 1, part)
+            if objective.requires_grad:  # not on an empty share
+                objective.backward()
+            world.sum_grads(params)  # a no-op in one process
             opt.step()
             if step is not None:
                 temps.update(b, step.log_u, step.grad_tau)
             total += value * len(b)
-        epoch_loss = float(total) / n  # a host sync: the epoch's training is done
+        epoch_loss = float(world.sum_(total)) / n  # a host sync: the epoch's training is done
         sched.trained(n, t0.elapsed())
         loop.check_finite(epoch_loss, STAGE, seed, epoch)
         sc, improved = sched.validate(epoch, score)
         if improved:
             save_best(epoch)
         done = sched.done(epoch)
-        tensors = {**ae_tensors(ae), **temps.tensors(), **torch_optimizer_tensors(opt, opt_names)}
-        out.save_state(sched, epoch, done, tensors, gen)
+        if world.main:
+            tensors = {**ae_tensors(ae), **temps.tensors(), **torch_optimizer_tensors(opt, opt_names)}
+            out.save_state(sched, epoch, done, tensors, gen)
         if progress:
             extra = {"tau_mean": f"{float(temps.tau.mean()):.4f}"} if cfg.temperature != "none" else {}
             progress(sched.event(STAGE, seed, epoch, epoch_loss, sc, extra))
         if done:
             break
+    extra = {"variant": cfg.temperature}
+    if not world.main:  # rank 0 may still be writing: the other ranks report nothing
+        return sched.result(STAGE, seed, out.best, timer, extra=extra)
     if not out.best.is_file():  # zero epochs: the untrained autoencoder
         sched.start_from(score())
         save_best(0)
     best_t, _ = ckpt.load(out.best, stage=STAGE, fingerprint=data.fingerprint)
-    extra = {"variant": cfg.temperature}
     if cfg.temperature != "none":
         tau = best_t["tau"]
         extra["tau_by_bucket"] = tau_by_bucket(tau, data)

@@ -6,6 +6,9 @@ interactions + the combined contrastive and reconstruction loss on W.
 Which further parts train (autoencoder, τ, domain d's items) is an option.
 Epoch 0 is the starting model (== the contrast model): if no epoch beats it on
 validation, the saved adapter is the zero one, and the summary says so.
+Under ``torchrun`` the loop is data-parallel (``world``, :mod:`uclr_cli.distributed`): every rank draws the
+negatives and the contrast users of the whole global batch, computes the loss of its share of both, and the
+gradients are summed; τ and u are updated for the whole contrast batch on every rank. Rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from uclr_cli import layout, loop
+from uclr_cli import distributed, layout, loop
 from uclr_cli.config import FinetuneConfig
 from uclr_cli.contrastive import combined_loss
 from uclr_cli.data.dataset import Dataset, sha256_file
@@ -38,9 +41,10 @@ def run_domain(
     *,
     resume: bool = False,
     progress: loop.Progress | None = None,
+    world: distributed.World = distributed.SINGLE,
 ) -> loop.SeedResult:
-    """Finetune one seed on one domain; writes ``finetune-<domain>.safetensors``."""
-    device = loop.resolve_device(cfg.device)
+    """Finetune one seed on one domain; writes ``finetune-<domain>.safetensors`` (rank 0 of ``world`` only)."""
+    device = distributed.device_for(loop.resolve_device(cfg.device))
     d = data.domain_index(domain)
     config = cfg.model_dump(mode="json", exclude={"data", "run", "seeds", "domain"})
     out = loop.Outputs.of(STAGE, data, run_dir, seed, layout.finetune_name(domain), config)
@@ -92,7 +96,8 @@ def run_domain(
         return out
 
     sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
-    if resume and out.state.is_file():
+    # every rank reads rank 0's safetensors resume state (a small model: no DCP), if rank 0 sees one
+    if resume and world.rank0s(out.state.is_file(), device):
         t = out.load_state(sched, gen, expect={"contrast_sha256": con_sha, "domain": domain})
         loop.restore(t, {"lora_a": lora.lora_a, "lora_b": lora.lora_b}, out.state)
         if cfg.train_ae:
@@ -104,7 +109,8 @@ def run_domain(
         load_torch_optimizer_tensors(opt, list(params), t)
     else:
         sched.start_from(score())
-        out.save_best(trained_tensors(), 0, sched.best)  # the zero adapter: exactly the contrast model
+        if world.main:
+            out.save_best(trained_tensors(), 0, sched.best)  # the zero adapter: exactly the contrast model
 
     sel = data.train_domain == d
     tu, ti = data.train_user[sel].to(device), data.train_item[sel].to(device)
@@ -118,33 +124,43 @@ def run_domain(
         for s in range(0, n, cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
             u, i = tu[idx], ti[idx]
-            j = sampler(u, td[idx], gen)
-            rep = with_fixed_column(ae(lora.rows(u)), fixed)
-            pi = dom_items[i - lo] if cfg.train_items else items[i]
-            pj = dom_items[j - lo] if cfg.train_items else items[j]
-            loss = bpr_objective(rep, pi, pj, cfg.reg)
+            j = sampler(u, td[idx], gen)  # for the whole global batch: the same draws on every rank
+            p0, p1 = world.part(len(u))  # this rank's share (the whole batch in one process)
+            loss = torch.zeros((), device=device)
+            if p1 > p0:
+                u, i, j = u[p0:p1], i[p0:p1], j[p0:p1]
+                rep = with_fixed_column(ae(lora.rows(u)), fixed)
+                pi = dom_items[i - lo] if cfg.train_items else items[i]
+                pj = dom_items[j - lo] if cfg.train_items else items[j]
+                loss = bpr_objective(rep, pi, pj, cfg.reg)
+                if p1 - p0 < len(idx):  # its part of the global batch's mean
+                    loss = loss * ((p1 - p0) / len(idx))
             value = loss.detach()
             step = None
             if cfg.contrast_weight > 0:
                 b = torch.randperm(data.n_users, generator=gen, device=device)[: cfg.contrast_users or cfg.batch_size]
-                obj, val, step = combined_loss(ae, lora.rows(b), b, temps, ccfg, gen, first_epoch=False)
+                part = world.part(len(b)) if world.size > 1 else None  # its anchors (see stages/contrast.py)
+                obj, val, step = combined_loss(ae, lora.rows(b), b, temps, ccfg, gen, False, part)
                 loss = loss + cfg.contrast_weight * obj
                 value = value + cfg.contrast_weight * val
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:  # not when both shares are empty
+                loss.backward()
+            world.sum_grads(list(params.values()))  # a no-op in one process
             opt.step()
             if step is not None:
                 temps.update(b, step.log_u, step.grad_tau, train_tau=cfg.train_tau)
             total += value * len(idx)
-        epoch_loss = float(total) / max(n, 1)  # a host sync: the epoch's training is done
+        epoch_loss = float(world.sum_(total)) / max(n, 1)  # a host sync: the epoch's training is done
         sched.trained(n, t0.elapsed())
         loop.check_finite(epoch_loss, f"{STAGE} {domain}", seed, epoch)
         sc, improved = sched.validate(epoch, score)
-        if improved:
+        if improved and world.main:
             out.save_best(trained_tensors(), epoch, sched.best)
         done = sched.done(epoch)
-        tensors = {**trained_tensors(), **temps.tensors(), **torch_optimizer_tensors(opt, list(params))}
-        out.save_state(sched, epoch, done, tensors, gen)
+        if world.main:
+            tensors = {**trained_tensors(), **temps.tensors(), **torch_optimizer_tensors(opt, list(params))}
+            out.save_state(sched, epoch, done, tensors, gen)
         if progress:
             progress(sched.event(f"{STAGE} {domain}", seed, epoch, epoch_loss, sc))
         if done:
