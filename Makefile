@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
+DIST_STAMP := $(VENV)/.installed-distributed
 
-.PHONY: install quickstart test test-all lint check bench clean
+.PHONY: install install-distributed quickstart test test-all lint check bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,6 +45,16 @@ test-all: $(STAMP)
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	@touch $(BENCH_STAMP)
+
+# The `distributed` extra (torchrec: `uclr pretrain --sharding`, docs/distributed.md). torchrec 1.8.0 and fbgemm's
+# CPU build 1.8.0 are the versions that load with torch 2.13; both go in with --no-deps, since torchrec declares
+# fbgemm-gpu (the CUDA build) and pip would replace torch to satisfy it.
+$(DIST_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[distributed]'
+	$(BIN)/pip install --quiet --no-deps torchrec==1.8.0 fbgemm-gpu-cpu==1.8.0
+	@touch $(DIST_STAMP)
+
+install-distributed: $(DIST_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -124,10 +124,10 @@ def read_header(path: Path) -> dict:
 
 #: Settings a resume may change (e.g. a lower --lr after a non-finite loss): they do not shape the
 #: model or its state. Stages pass ``may_differ={"config": RESUME_MAY_DIFFER}`` when loading a resume state.
-RESUME_MAY_DIFFER = ("lr", "epochs", "patience", "save_every")
+RESUME_MAY_DIFFER = ("lr", "epochs", "patience", "save_every", "sharding")
 #: Config keys added after runs were saved without them, with the value that behaves as those runs did: a saved
 #: config that lacks one compares equal to a current config that has it at this value (resume, ablate's skip).
-ADDED_CONFIG_KEYS = {"lr_decay": 1.0, "contrast_users": None}
+ADDED_CONFIG_KEYS = {"lr_decay": 1.0, "contrast_users": None, "sharding": "none"}
 
 
 def with_added_keys(saved: dict, current: dict) -> dict:

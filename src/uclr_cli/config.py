@@ -247,6 +247,14 @@ class PretrainConfig(TrainConfig):
         ),
     )
     layers: StrictInt = Field(2, ge=1, le=8, description="lightgcn: propagation layers K.")
+    # torchrec's DistributedModelParallel over torchrun's ranks (the `distributed` extra; docs/distributed.md).
+    sharding: Literal["none", "table", "column", "row"] = Field(
+        "none",
+        description=(
+            "none (every rank holds both tables) | table | column | row: the tables split over torchrun's ranks "
+            "by torchrec (CPU; dense Adam; needs the distributed extra)."
+        ),
+    )
     epochs: StrictInt = Field(200, ge=0, description="Maximum epochs.")
     # Seconds between writes of the resume state and best checkpoint (0: every epoch). A kill or
     # Ctrl-C resumes from the last write; the run's end is always written.
@@ -271,6 +279,12 @@ class PretrainConfig(TrainConfig):
             self.__dict__["item_bias"] = False
         if "layers" in self.model_fields_set and self.encoder != "lightgcn":
             raise ValueError("layers applies to --encoder lightgcn only")
+        if self.sharding != "none" and self.encoder != "mf":
+            raise ValueError("sharding applies to --encoder mf only")
+        if self.sharding != "none" and self.optimizer != "adam":  # the shards are plain parameters: dense Adam
+            if "optimizer" in self.model_fields_set:
+                raise ValueError("sharding trains with dense Adam (--optimizer adam); the row-wise ones are unsharded")
+            self.__dict__["optimizer"] = "adam"
         if "pop_share" in self.model_fields_set and self.negatives != "mix":
             raise ValueError("pop_share applies to --negatives mix only")
         return self

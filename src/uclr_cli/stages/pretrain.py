@@ -12,7 +12,9 @@ Early stopping on validation NDCG@10 averaged over domains; the best epoch is
 what is saved. Under ``torchrun`` the loop is data-parallel (``world``,
 :mod:`uclr_cli.distributed`): each rank trains on its share of every global
 batch, the gradients are summed; every rank writes its rows of each save's DCP
-state (:mod:`uclr_cli.dcp`), and rank 0 writes the safetensors files at the end.
+state (:mod:`uclr_cli.dcp`), and rank 0 writes the safetensors files at the end. With ``--sharding``
+the tables themselves are split over the ranks by torchrec (:mod:`uclr_cli.sharded`), trained with dense
+Adam; validation and every save see the whole tables, gathered, in the layout above.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from uclr_cli import distributed, layout, loop
+from uclr_cli import distributed, layout, loop, sharded
 from uclr_cli.config import ROWWISE, PretrainConfig
 from uclr_cli.data.dataset import Dataset
 from uclr_cli.losses import bpr_objective
@@ -83,9 +85,14 @@ def run_seed(
 
     users, items = init_tables(data, cfg, seed, device)
     regs = cfg.role_regs()
-    gcn = None
+    gcn = shard = None
     rowwise = cfg.optimizer in ROWWISE
-    if cfg.encoder == "lightgcn":  # ego tables trained through the propagation; dense Adam (every row moves)
+    shapes = {"user_emb": (data.n_users, cfg.dim), "item_emb": tuple(items.shape)}  # sharded: no fixed column
+    if cfg.sharding != "none":  # mf with dense Adam (config.py): each rank steps the shards it holds
+        shard = sharded.build(cfg.sharding, data.n_users, data.n_items, cfg.dim, items.shape[1], world.size)
+        sharded.load(shard, {"user_emb": users[:, : cfg.dim], "item_emb": items})
+        opt = torch.optim.Adam([p for p, _, _ in sharded.shards(shard).values()], lr=cfg.lr, fused=True)
+    elif cfg.encoder == "lightgcn":  # ego tables trained through the propagation; dense Adam (every row moves)
         gcn = LightGCN(data.n_users, data.n_items, 0, cfg.dim, cfg.layers, union_graph(data, device)).to(device)
         with torch.no_grad():
             gcn.user_emb.copy_(users)
@@ -111,7 +118,9 @@ def run_seed(
     free = cfg.dim if cfg.item_bias else None
 
     def weights() -> dict[str, torch.Tensor]:
-        """What training changes (the ego tables for lightgcn)."""
+        """What training changes (the ego tables for lightgcn; the gathered shards with --sharding)."""
+        if shard is not None:
+            return with_fixed_column(sharded.gather(sharded.shards(shard), shapes, world))
         if gcn is not None:
             return {"ego_user": gcn.user_emb.detach(), "ego_item": gcn.item_emb.detach()}
         return {"user_emb": users.detach(), "item_emb": items.detach()}
@@ -123,7 +132,24 @@ def run_seed(
         u, i = gcn.tables()
         return {"user_emb": u, "item_emb": i}
 
+    def with_fixed_column(t: dict[str, torch.Tensor], value: float = 1.0) -> dict[str, torch.Tensor]:
+        """Sharded tables or moments in one process's layout: the users' bias partner column put back."""
+        if cfg.item_bias:
+            t["user_emb"] = torch.cat([t["user_emb"], torch.full((data.n_users, 1), value)], 1)
+        return t
+
     def opt_tensors() -> dict[str, torch.Tensor]:
+        if shard is not None:  # dense Adam's state as one process's: the fixed column's moments are 0
+            pieces, step = sharded.adam_pieces(shard, opt)
+            held = world.sum_(torch.tensor([float(bool(pieces["exp_avg"]))]))[0]  # ranks with a stepped shard
+            if not held:
+                return {}  # before the first step, as torch's Adam
+            step = world.sum_(step.reshape(1))[0] / held  # those ranks agree on it
+            out = {}
+            for field, part in pieces.items():
+                for name, t in with_fixed_column(sharded.gather(part, shapes, world), 0.0).items():
+                    out[f"opt.{field}.{name}"] = t
+            return {**{f"opt.step.{name}": step.clone() for name in sharded.TABLES}, **out}
         return opt.state_tensors() if rowwise and gcn is None else torch_optimizer_tensors(opt, names)
 
     sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
@@ -132,7 +158,17 @@ def run_seed(
     best = None
     if resume:  # the newest resume state: the safetensors file, or the DCP state of a data-parallel run
         t, best = out.resume(sched, gen, world)
-        if t is not None:
+        if t is not None and shard is not None:
+            live = weights()
+            loop.restore(t, live, t.path)
+            sharded.load(shard, {"user_emb": live["user_emb"][:, : cfg.dim], "item_emb": live["item_emb"]})
+            if "opt.step.user_emb" in t:
+                moments = {
+                    f: {n: t[f"opt.{f}.{n}"][:, : shapes[n][1]] for n in sharded.TABLES}
+                    for f in ("exp_avg", "exp_avg_sq")
+                }
+                sharded.load_adam(shard, opt, moments, float(t["opt.step.user_emb"]))
+        elif t is not None:
             loop.restore(t, weights(), t.path)
             if rowwise and gcn is None:
                 opt.load_state_tensors(t)
@@ -156,7 +192,18 @@ def run_seed(
                 u, i, d = u.repeat_interleave(k), i.repeat_interleave(k), d.repeat_interleave(k)
             j = sampler(u, d, gen)  # for the whole global batch: the same draws on every rank
             lo, hi = world.part(len(u))  # this rank's share (the whole batch in one process)
-            if rowwise and gcn is None:
+            if shard is not None:  # torchrec looks the rows up at their shards and sums the gradients there
+                opt.zero_grad(set_to_none=True)
+                eu, ip, ineg = sharded.lookup(shard, u[lo:hi], i[lo:hi], j[lo:hi], -(-len(u) // world.size))
+                if cfg.item_bias:
+                    eu = torch.cat([eu, torch.ones(len(eu), 1)], 1)
+                if hi > lo:
+                    loss = bpr_objective(eu, ip, ineg, regs, free) * ((hi - lo) / len(u))
+                else:  # an empty share still takes part in torchrec's backward exchange
+                    loss = (eu.sum() + ip.sum() + ineg.sum()) * 0.0
+                loss.backward()
+                opt.step()
+            elif rowwise and gcn is None:
                 spread = world.size > 1
                 loss = opt.step(u, i, j, part=(lo, hi) if spread else None, reduce=world.sum_ if spread else None)
             else:
@@ -191,7 +238,13 @@ def run_seed(
         if done:
             break
 
-    if world.main and not out.best.is_file():  # zero epochs: save the initial tables
+    if shard is not None and world.rank0s(not out.best.is_file()):  # zero epochs: the gather takes every rank
+        initial = tables()
+        if world.main:
+            with torch.no_grad():
+                sched.start_from(loop.valid_scores(data, *initial.values(), data.valid))
+            out.save_best(initial, 0, sched.best)
+    elif shard is None and world.main and not out.best.is_file():  # zero epochs: save the initial tables
         with torch.no_grad():
             sched.start_from(loop.valid_scores(data, *tables().values(), data.valid))
         out.save_best(tables(), 0, sched.best)
