@@ -200,7 +200,10 @@ class GATarget(SingleDomainModel):
         """Mean binary log loss of cos(user u, item) against ``labels`` (1 positive, 0 negative) over the (B, C)
         pairs of ``items`` (local ids), + reg·mean of the pairs' squared tower-output norms (the original's L2)."""
         uniq, inv = torch.unique(items, return_inverse=True)  # the item tower once per distinct item
-        eu, ei = self.user_vectors(u), self.item_vectors(uniq)[inv]  # (B, K), (B, C, K)
+        # index_select: its backward sums a repeated item's gradients in a fixed order on several CPU threads
+        # (advanced indexing's backward, index_put_ with accumulate, does not)
+        ei = self.item_vectors(uniq).index_select(0, inv.reshape(-1)).view(*inv.shape, -1)  # (B, C, K)
+        eu = self.user_vectors(u)  # (B, K)
         cos = (F.normalize(ei, dim=2) * F.normalize(eu, dim=1).unsqueeze(1)).sum(2)
         y = cos.clamp(_CLAMP, 1 - _CLAMP)
         loss = F.binary_cross_entropy(y, labels)

@@ -174,7 +174,9 @@ class HeroGraph(nn.Module):
         hi = by_width(self.item_agg, g, at_i, at_ni.view_as(nb_i), mask_i)
         eu = self.users.detach()[d * n_u + uu].requires_grad_()
         ei = self.items.detach()[ii].requires_grad_()
-        fu, fi = torch.cat([eu, hu], 1)[u_inv], torch.cat([ei, hi], 1)[i_inv]
+        # index_select, not [inv]: its backward (index_add_) sums duplicates in a fixed order on the CPU; the
+        # backward of advanced indexing (index_put_ with accumulate) does not once it runs on several threads
+        fu, fi = torch.cat([eu, hu], 1).index_select(0, u_inv), torch.cat([ei, hi], 1).index_select(0, i_inv)
         fp, fn = fi[: len(u)], fi[len(u) :]
         loss = bpr_loss((fu * fp).sum(1), (fu * fn).sum(1)) + l2_term(fu, fp, fn, reg)
         return loss, {"users": (d * n_u + uu, eu), "items": (ii, ei), "graph": (g_rows, g)}
