@@ -330,9 +330,14 @@ def test_config_file_unknown_key_named(tiny_data, tmp_path):
 
 def test_examples_validate():
     root = Path(__file__).resolve().parents[1] / "examples"
-    from uclr_cli.config import read_toml
+    from uclr_cli.config import CatArtConfig, read_toml
 
-    models = {"pretrain": PretrainConfig, "contrast": ContrastConfig, "finetune": FinetuneConfig}
+    models = {
+        "pretrain": PretrainConfig,
+        "contrast": ContrastConfig,
+        "finetune": FinetuneConfig,
+        "cat-art": CatArtConfig,
+    }
     files = sorted(root.rglob("*.toml"))
     assert len(files) >= 7
     for f in files:
