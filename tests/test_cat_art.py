@@ -117,6 +117,25 @@ def test_art_uses_the_pad_for_a_domain_without_train_rows():
     assert users.shape == (4, 5) and items.shape == (6, 5)
 
 
+def test_art_parts_sum_to_the_user_vector_and_a_target_cold_user_reads_the_pad():
+    gen = torch.Generator().manual_seed(1)
+    art = ART(4, 6, 10, 5, n_domains=3, target=1, dropout=0.0, gen=gen)
+    with torch.no_grad():
+        art.users.normal_(generator=gen)
+        art.z.normal_(generator=gen)
+        art.pad.normal_(generator=gen)
+        art.has.fill_(True)
+        art.has[1, 3] = False  # user 3 has no train rows in the target
+    u = torch.arange(4)
+    q, g, att = art.parts(u)
+    assert torch.equal(q[3], art.pad) and torch.equal(q[0], art.users[1, 0])
+    assert torch.equal(g, art.global_proj(art.z[u]))
+    assert torch.equal(art.user_vectors(u)[0], q + g + att)
+    one = ART(4, 6, 10, 5, n_domains=1, target=0, gen=gen)  # no source domain: no attention part
+    q1, g1, att1 = one.parts(u)
+    assert att1 is None and torch.equal(one.user_vectors(u)[0], q1 + g1)
+
+
 # --------------------------------------------------------------------------- no leakage
 
 

@@ -115,21 +115,29 @@ class ART(SingleDomainModel):
         self.register_buffer("z", torch.zeros(n_users, dim))  # Encoder(x) of the frozen CAT
         self.register_buffer("has", torch.zeros(n_domains, n_users, dtype=torch.bool))  # train rows per domain
 
-    def user_vectors(self, u: Tensor, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """(final user vectors (B, d), target rows (B, d)) of users ``u``; with ``gen``, dropout on the
-        attention weights drawn from it (training; torch's own dropout would read the global RNG)."""
+    def parts(self, u: Tensor, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The three parts of users ``u``'s vectors, each (B, d): the target row q = U_t[u] (the pad for a user
+        without train rows there), the global part g = Linear(Enc(x_u)) and the attention over the source rows
+        (None with one domain). With ``gen``, dropout on the attention weights drawn from it (training; torch's
+        own dropout would read the global RNG)."""
         rows = with_pad(self.users[:, u].transpose(0, 1), self.has[:, u].T, self.pad)  # (B, N, d)
         q = rows[:, self.target]
-        out = q + self.global_proj(self.z[u])
-        if self.sources:
-            a = torch.stack([p(rows[:, s]) for p, s in zip(self.source_proj, self.sources)], 1)  # (B, S, d)
-            wq, wk, wv, wo = self.attention
-            w = torch.softmax((wk(a) @ wq(q).unsqueeze(2)).squeeze(2) / math.sqrt(self.dim), dim=1)
-            if gen is not None and self.dropout > 0:
-                keep = torch.rand(w.shape, generator=gen, device=w.device) >= self.dropout
-                w = w * keep / (1 - self.dropout)
-            out = out + wo((w.unsqueeze(2) * wv(a)).sum(1))
-        return out, q
+        g = self.global_proj(self.z[u])
+        if not self.sources:
+            return q, g, None
+        a = torch.stack([p(rows[:, s]) for p, s in zip(self.source_proj, self.sources)], 1)  # (B, S, d)
+        wq, wk, wv, wo = self.attention
+        w = torch.softmax((wk(a) @ wq(q).unsqueeze(2)).squeeze(2) / math.sqrt(self.dim), dim=1)
+        if gen is not None and self.dropout > 0:
+            keep = torch.rand(w.shape, generator=gen, device=w.device) >= self.dropout
+            w = w * keep / (1 - self.dropout)
+        return q, g, wo((w.unsqueeze(2) * wv(a)).sum(1))
+
+    def user_vectors(self, u: Tensor, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(final user vectors q + g + attention (B, d), target rows q (B, d)) of users ``u`` (see :meth:`parts`)."""
+        q, g, att = self.parts(u, gen)
+        out = q + g
+        return (out if att is None else out + att), q
 
     def objective(self, u: Tensor, i: Tensor, j: Tensor, reg: float, gen: torch.Generator | None = None) -> Tensor:
         """BPR on (user, local positive, local negative) + λ·L2 of the batch's final user and item vectors."""
