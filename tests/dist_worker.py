@@ -254,6 +254,82 @@ def _baselines_worker(rank: int, size: int, init: str, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+# --- CAT-ART (stages/cat_art.py): its three parts, float64 ---------------------------------------------------
+
+N_DOM, N_CAT, CAT_BATCH = 3, 11, 5  # CAT: users in batches of 5, 5, 1 (shares 3 and 2, then 1 and none)
+
+
+def train_cat_art(world: distributed.World, epochs: int = 3) -> dict[str, torch.Tensor]:
+    """``epochs`` of each CAT-ART stage's loop with the library's pieces: stage 1's row-wise Adam BPR step
+    (its optimizer), CAT's loss (in-batch InfoNCE both ways, the MSE terms) and ART's objective (dropout on the
+    attention drawn from the generator), these two with SGD; BPR batches of 8, 8, 1 (an empty share)."""
+    from uclr_cli.models.cat_art import ART, CatAutoEncoder
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(0)
+        emb = torch.randn(N_USERS + N_ITEMS, DIM, generator=g) * 0.3
+        tu, ti = torch.randint(N_USERS, (N,), generator=g), torch.randint(N_ITEMS, (N,), generator=g)
+        blocks, has = torch.randn(N_CAT, N_DOM, DIM, generator=g), torch.rand(N_CAT, N_DOM, generator=g) > 0.3
+        mf = BPRRowStep(emb, N_USERS, 0.05, 0.01, kind="adam")
+        cat = CatAutoEncoder(N_DOM, DIM, torch.Generator().manual_seed(3))
+        art = ART(N_USERS, N_ITEMS, 0, DIM, N_DOM, 1, dropout=0.3, gen=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            art.users.normal_(0, 0.5, generator=g)
+            art.items.normal_(0, 0.5, generator=g)
+            art.z.normal_(0, 0.5, generator=g)
+            art.has.copy_(torch.rand(N_DOM, N_USERS, generator=g) > 0.2)
+        gen = torch.Generator().manual_seed(1)  # the same draws on every rank
+        for _ in range(epochs):
+            perm = torch.randperm(N, generator=gen)  # stage 1
+            for s in range(0, N, BATCH):
+                idx = perm[s : s + BATCH]
+                j = torch.randint(N_ITEMS, (len(idx),), generator=gen)
+                if world.size == 1:
+                    mf.step(tu[idx], ti[idx], j)
+                else:
+                    mf.step(tu[idx], ti[idx], j, part=world.part(len(idx)), reduce=world.sum_)
+            perm = torch.randperm(N_CAT, generator=gen)  # CAT
+            for s in range(0, N_CAT, CAT_BATCH):
+                b = perm[s : s + CAT_BATCH]
+                x = cat.inputs(blocks[b], has[b])
+                which = torch.randint(N_DOM, (len(b),), generator=gen)
+                part = world.part(len(b)) if world.size > 1 else None
+                for p in cat.parameters():
+                    p.grad = None
+                if part is None or part[1] > part[0]:
+                    cat.loss(x, which, 0.5, (0.2, 0.4, 0.4), part)[0].backward()
+                world.sum_grads(list(cat.parameters()))
+                _sgd(list(cat.parameters()))
+            perm = torch.randperm(N, generator=gen)  # ART
+            for s in range(0, N, BATCH):
+                idx = perm[s : s + BATCH]
+                j = torch.randint(N_ITEMS, (len(idx),), generator=gen)
+                part = world.part(len(idx)) if world.size > 1 else None
+                for p in art.parameters():
+                    p.grad = None
+                loss = art.objective(tu[idx], ti[idx], j, 0.01, gen, part)
+                if loss.requires_grad:
+                    loss.backward()
+                world.sum_grads(list(art.parameters()))
+                _sgd(list(art.parameters()))
+        out = {"mf/emb": emb, "mf/m": mf.state_tensors()["opt.m"], "mf/v": mf.state_tensors()["opt.v"]}
+        out.update({f"cat/{k}": v for k, v in cat.state_dict().items()})
+        out.update({f"art/{k}": v for k, v in art.state_dict().items() if v.is_floating_point()})
+        return {k: v.detach().clone() for k, v in out.items()}
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _cat_art_worker(rank: int, size: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=60)
+    )
+    save_file(train_cat_art(distributed.World(rank, size)), f"{out}/cat_art{rank}.safetensors")
+    torch.distributed.destroy_process_group()
+
+
 # --- DCP states (uclr_cli.dcp): saved by 2 ranks, read back by 3 ------------------------------------------------
 
 DCP_META = {

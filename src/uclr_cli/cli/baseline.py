@@ -77,7 +77,8 @@ def cat_art_command(
 ) -> None:
     """Train CAT-ART (Li et al., WSDM 2023): BPR-MF per domain, the contrastive autoencoder CAT, ART per target."""
     # CAT has no ranking to report
-    _cross_domain(CatArtConfig, cat_art.ART, cat_art.run_seed, (cat_art.MF, cat_art.ART), flags, config, seed, resume)
+    reported = (cat_art.MF, cat_art.ART)
+    _cross_domain(CatArtConfig, cat_art.ART, cat_art.run_seed, reported, flags, config, seed, resume, parallel=True)
 
 
 @app.command("ga-mtcdr")
@@ -109,14 +110,19 @@ def herograph_command(
     )
 
 
-def _cross_domain(model, name: str, run_seed, reported: tuple[str, ...], flags, config, seed, resume) -> None:
+def _cross_domain(
+    model, name: str, run_seed, reported: tuple[str, ...], flags, config, seed, resume, parallel: bool = False
+) -> None:
     """A cross-domain baseline: every seed's stages over all domains (targets: ``--domain``), then one summary
-    per stage in ``reported``."""
+    per stage in ``reported``. ``parallel``: data-parallel under torchrun (``run_seed`` takes the world)."""
     cfg, ds, run_dir = training.resolve(model, flags, config, seed)
     domains = training.chosen_domains(cfg.domain, ds)
+    kw = {}
+    if parallel:  # under torchrun: data-parallel (docs/distributed.md)
+        kw["world"] = training.join(cfg, cfg.batch_size, resume, {"--cat-batch-size": cfg.cat_batch_size})
     training.write_config(run_dir, name, cfg, ds)
     results = training.run_seeds(
-        name, cfg.seeds, lambda s, rep: run_seed(cfg, ds, run_dir, s, domains, resume=resume, progress=rep)
+        name, cfg.seeds, lambda s, rep: run_seed(cfg, ds, run_dir, s, domains, resume=resume, progress=rep, **kw)
     )
     for stage_ in reported:
         rows = [r for r in results if r.stage.split()[0] == stage_]

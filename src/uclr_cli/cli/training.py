@@ -84,7 +84,13 @@ def load_data(data: Path | None, run: Path | None) -> Dataset:
 
 
 #: The stages that run data-parallel under torchrun (docs/distributed.md); the others are refused there.
-DATA_PARALLEL = (cfgmod.PretrainConfig, cfgmod.ContrastConfig, cfgmod.FinetuneConfig, cfgmod.BaselineConfig)
+DATA_PARALLEL = (
+    cfgmod.PretrainConfig,
+    cfgmod.ContrastConfig,
+    cfgmod.FinetuneConfig,
+    cfgmod.BaselineConfig,
+    cfgmod.CatArtConfig,
+)
 
 #: The commands of the configs that are not named after their command.
 COMMANDS = {
@@ -216,15 +222,18 @@ def one_process_only(command: str) -> None:
     size = distributed.env_world_size()
     if size > 1:
         raise ConfigError(
-            f"uclr {command} runs in one process (only pretrain, contrast, finetune and baseline bprmf, lightgcn "
-            "and neumf are data-parallel); launch it without torchrun",
+            f"uclr {command} runs in one process (only pretrain, contrast, finetune and baseline bprmf, lightgcn, "
+            "neumf and cat-art are data-parallel); launch it without torchrun",
             f"WORLD_SIZE={size}",
         )
 
 
-def join(cfg: cfgmod.StageConfig, batch_size: int | None = None, resume: bool = False) -> distributed.World:
+def join(
+    cfg: cfgmod.StageConfig, batch_size: int | None = None, resume: bool = False, more: dict[str, int] | None = None
+) -> distributed.World:
     """Join the process group when launched by ``torchrun`` (held until the command ends): rank 0 prints
-    and writes, the others are quiet. ``batch_size``: the global batch, which every rank needs a share of.
+    and writes, the others are quiet. ``batch_size``: the global batch, which every rank needs a share of
+    (``more``: the other batch sizes by option, e.g. ``{"--cat-batch-size": 256}``).
     Under ``torchrun --max-restarts``, rank 0 says when this start is a restart, and what it continues from."""
     if distributed.env_rank() == 0:
         if warning := distributed.restart_warning():  # before joining: that is where a bad restart hangs
@@ -236,6 +245,9 @@ def join(cfg: cfgmod.StageConfig, batch_size: int | None = None, resume: bool = 
     size = distributed.env_world_size()
     if size > 1 and batch_size is not None:
         distributed.World(0, size).check_batch(batch_size)
+    for option, batch in (more or {}).items():
+        if size > 1:
+            distributed.World(0, size).check_batch(batch, option)
     world = common.hold(distributed.joined(distributed.device_for(loop.resolve_device(cfg.device))))
     if not world.main:
         common.STATE.quiet = True

@@ -38,11 +38,21 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def info_nce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
-    """Symmetric in-batch InfoNCE on cosine similarity / temperature: row k of ``a`` matches row k of ``b``."""
-    logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / temperature
-    target = torch.arange(len(a), device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+def info_nce(a: Tensor, b: Tensor, temperature: float, part: tuple[int, int] | None = None) -> Tensor:
+    """Symmetric in-batch InfoNCE on cosine similarity / temperature: row k of ``a`` matches row k of ``b``.
+
+    ``part = (lo, hi)``: only the terms of anchors ``lo:hi`` (in both directions, against the whole batch
+    as negatives), divided by the whole batch size: the parts of the ranks add up to the whole loss."""
+    na, nb = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    if part is None:
+        logits = na @ nb.T / temperature
+        target = torch.arange(len(a), device=a.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    lo, hi = part
+    target = torch.arange(lo, hi, device=a.device)
+    ab = F.cross_entropy(na[lo:hi] @ nb.T / temperature, target, reduction="sum")
+    ba = F.cross_entropy(nb[lo:hi] @ na.T / temperature, target, reduction="sum")
+    return 0.5 * (ab + ba) / len(a)
 
 
 def with_pad(blocks: Tensor, has: Tensor, pad: Tensor) -> Tensor:
@@ -73,15 +83,29 @@ class CatAutoEncoder(nn.Module):
         return with_pad(blocks, ~drop, self.pad).reshape(len(x), -1)
 
     def loss(
-        self, x: Tensor, which: Tensor, temperature: float, weights: tuple[float, float, float]
+        self,
+        x: Tensor,
+        which: Tensor,
+        temperature: float,
+        weights: tuple[float, float, float],
+        part: tuple[int, int] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """w_cl·InfoNCE(enc(x), enc(x~)) + w_rec·MSE(dec(enc(x)), x) + w_aug·MSE(dec(enc(x~)), x); (loss, parts)."""
+        """w_cl·InfoNCE(enc(x), enc(x~)) + w_rec·MSE(dec(enc(x)), x) + w_aug·MSE(dec(enc(x~)), x); (loss, parts).
+
+        ``part = (lo, hi)`` (data-parallel): the whole batch is encoded (the InfoNCE negatives), and the
+        terms of rows ``lo:hi`` are taken, each divided by the whole batch's count (a non-empty share)."""
         xa = self.augment(x, which)
         h, ha = self.encoder(x), self.encoder(xa)
         target = x.detach()
-        parts = torch.stack(
-            [info_nce(h, ha, temperature), F.mse_loss(self.decoder(h), target), F.mse_loss(self.decoder(ha), target)]
-        )
+        nce = info_nce(h, ha, temperature, part)  # first: the order of autograd's sums, as before
+        if part is None:
+            rec, aug = F.mse_loss(self.decoder(h), target), F.mse_loss(self.decoder(ha), target)
+        else:
+            lo, hi = part
+            rec, aug = (
+                F.mse_loss(self.decoder(e[lo:hi]), target[lo:hi], reduction="sum") / target.numel() for e in (h, ha)
+            )
+        parts = torch.stack([nce, rec, aug])
         return (parts * torch.tensor(weights, device=x.device)).sum(), parts.detach()
 
 
@@ -115,11 +139,19 @@ class ART(SingleDomainModel):
         self.register_buffer("z", torch.zeros(n_users, dim))  # Encoder(x) of the frozen CAT
         self.register_buffer("has", torch.zeros(n_domains, n_users, dtype=torch.bool))  # train rows per domain
 
-    def parts(self, u: Tensor, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def dropout_keep(self, n: int, gen: torch.Generator | None, device) -> Tensor | None:
+        """The attention weights kept by dropout for ``n`` users (n, S), drawn from ``gen``; None when none drop."""
+        if gen is None or self.dropout <= 0 or not self.sources:
+            return None
+        return torch.rand((n, len(self.sources)), generator=gen, device=device) >= self.dropout
+
+    def parts(
+        self, u: Tensor, gen: torch.Generator | None = None, keep: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The three parts of users ``u``'s vectors, each (B, d): the target row q = U_t[u] (the pad for a user
         without train rows there), the global part g = Linear(Enc(x_u)) and the attention over the source rows
         (None with one domain). With ``gen``, dropout on the attention weights drawn from it (training; torch's
-        own dropout would read the global RNG)."""
+        own dropout would read the global RNG), or the given ``keep`` mask (B, S)."""
         rows = with_pad(self.users[:, u].transpose(0, 1), self.has[:, u].T, self.pad)  # (B, N, d)
         q = rows[:, self.target]
         g = self.global_proj(self.z[u])
@@ -128,22 +160,48 @@ class ART(SingleDomainModel):
         a = torch.stack([p(rows[:, s]) for p, s in zip(self.source_proj, self.sources)], 1)  # (B, S, d)
         wq, wk, wv, wo = self.attention
         w = torch.softmax((wk(a) @ wq(q).unsqueeze(2)).squeeze(2) / math.sqrt(self.dim), dim=1)
-        if gen is not None and self.dropout > 0:
-            keep = torch.rand(w.shape, generator=gen, device=w.device) >= self.dropout
+        if keep is None:
+            keep = self.dropout_keep(len(u), gen, w.device)
+        if keep is not None:
             w = w * keep / (1 - self.dropout)
         return q, g, wo((w.unsqueeze(2) * wv(a)).sum(1))
 
-    def user_vectors(self, u: Tensor, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def user_vectors(
+        self, u: Tensor, gen: torch.Generator | None = None, keep: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(final user vectors q + g + attention (B, d), target rows q (B, d)) of users ``u`` (see :meth:`parts`)."""
-        q, g, att = self.parts(u, gen)
+        q, g, att = self.parts(u, gen, keep)
         out = q + g
         return (out if att is None else out + att), q
 
-    def objective(self, u: Tensor, i: Tensor, j: Tensor, reg: float, gen: torch.Generator | None = None) -> Tensor:
-        """BPR on (user, local positive, local negative) + λ·L2 of the batch's final user and item vectors."""
-        eu, _ = self.user_vectors(u, gen)
+    def objective(
+        self,
+        u: Tensor,
+        i: Tensor,
+        j: Tensor,
+        reg: float,
+        gen: torch.Generator | None = None,
+        part: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """BPR on (user, local positive, local negative) + λ·L2 of the batch's final user and item vectors.
+
+        ``part = (lo, hi)`` (data-parallel): the dropout of the whole batch is drawn from ``gen`` (so it
+        advances alike on every rank), and the loss of rows ``lo:hi`` is returned, divided by the whole
+        batch size (a zero without gradient for an empty share)."""
+        keep = None
+        if part is not None:
+            keep = self.dropout_keep(len(u), gen, u.device)
+            lo, hi = part
+            if hi == lo:
+                return self.items.new_zeros(())
+            share = (hi - lo) / len(u)
+            u, i, j = u[lo:hi], i[lo:hi], j[lo:hi]
+            keep = None if keep is None else keep[lo:hi]
+            gen = None
+        eu, _ = self.user_vectors(u, gen, keep)
         ip, ineg = self.items[i], self.items[j]
-        return bpr_loss((eu * ip).sum(1), (eu * ineg).sum(1)) + l2_term(eu, ip, ineg, reg)
+        loss = bpr_loss((eu * ip).sum(1), (eu * ineg).sum(1)) + l2_term(eu, ip, ineg, reg)
+        return loss if part is None or share == 1 else loss * share
 
     @torch.no_grad()
     def tables(self, chunk: int = 65536) -> tuple[Tensor, Tensor]:

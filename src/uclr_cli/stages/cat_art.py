@@ -14,6 +14,12 @@ A user "has" a domain when it has train rows there (validation and test rows
 never count); elsewhere CAT and ART read a pad vector. Every stage writes its
 best checkpoint and a per-epoch resume state (optimizer, generator); each
 later stage records and checks the sha256 of the checkpoints it was built from.
+
+Under ``torchrun`` every stage is data-parallel (``world``, :mod:`uclr_cli.distributed`): every rank draws
+the permutation, negatives, CAT's augmented blocks and ART's dropout of the whole global batch, takes the
+loss of its share divided by the global batch size, and the gradients are summed (stage 1: the fused
+row-wise step over the touched rows; CAT encodes the whole batch for its in-batch negatives). Rank 0
+writes the files; the ranks wait for them before a later stage reads them.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 import torch
 
 from uclr_cli import checkpoint as ckpt
-from uclr_cli import layout, loop
+from uclr_cli import distributed, layout, loop
 from uclr_cli.config import CatArtConfig
 from uclr_cli.data.dataset import Dataset, sha256_file
 from uclr_cli.errors import CheckpointError
@@ -75,9 +81,11 @@ def _fit(
     label: str,
     progress: loop.Progress | None,
     by_loss: bool = False,
+    world: distributed.World = distributed.SINGLE,
 ) -> None:
     """The epoch loop the three stages share: shuffled batches of ``n`` rows, ``step`` each
-    (it returns the batch's mean loss), validation by ``score(epoch loss)``, best checkpoint, resume state.
+    (it returns the batch's mean loss, data-parallel this rank's part of it), validation by
+    ``score(epoch loss)``, best checkpoint, resume state (rank 0 writes).
     ``by_loss``: ``score`` is the negated loss (CAT), and progress reports the lowest loss, not a validation score."""
     device = gen.device
     for epoch in sched.epochs_to_run():
@@ -87,19 +95,20 @@ def _fit(
         for s in range(0, n, batch_size):
             idx = perm[s : s + batch_size]
             total += step(idx).detach() * len(idx)
-        epoch_loss = float(total) / max(n, 1)  # a host sync: the epoch's training is done
+        epoch_loss = float(world.sum_(total)) / max(n, 1)  # a host sync; the same bits on every rank (CAT stops on it)
         sched.trained(n, t0.elapsed())
         loop.check_finite(epoch_loss, label, out.seed, epoch)
         sc, improved = sched.validate(epoch, lambda: score(epoch_loss))
-        if improved:
+        if improved and world.main:
             out.save_best(best(), epoch, sched.best)
         done = sched.done(epoch)
-        out.save_state(sched, epoch, done, {**best(), **state()}, gen)
+        if world.main:
+            out.save_state(sched, epoch, done, {**best(), **state()}, gen)
         if progress:
             progress(sched.event(label, out.seed, epoch, epoch_loss, sc, by_loss=by_loss))
         if done:
             break
-    if not out.best.is_file():  # zero epochs: save the initial model
+    if world.main and not out.best.is_file():  # zero epochs: save the initial model
         sched.start_from(score(math.nan))
         out.save_best(best(), 0, sched.best)
 
@@ -112,6 +121,19 @@ def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+def _descend_part(
+    opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.Tensor], world: distributed.World
+) -> torch.Tensor:
+    """:func:`_descend` on this rank's part of the loss (no gradient: an empty share), the gradients of
+    ``params`` summed over the ranks first; returns the part."""
+    opt.zero_grad(set_to_none=True)
+    if loss.requires_grad:
+        loss.backward()
+    world.sum_grads(params)
+    opt.step()
+    return loss
+
+
 def _restore(out: loop.Outputs, sched: loop.Schedule, gen: torch.Generator, expect: dict, into: dict) -> dict:
     """Resume state: schedule, generator and the live tensors ``into``; returns the state's tensors."""
     t = out.load_state(sched, gen, expect=expect)
@@ -120,11 +142,19 @@ def _restore(out: loop.Outputs, sched: loop.Schedule, gen: torch.Generator, expe
 
 
 def run_mf(
-    cfg: CatArtConfig, data: Dataset, run_dir: Path, seed: int, domain: str, *, resume=False, progress=None
+    cfg: CatArtConfig,
+    data: Dataset,
+    run_dir: Path,
+    seed: int,
+    domain: str,
+    *,
+    resume=False,
+    progress=None,
+    world: distributed.World = distributed.SINGLE,
 ) -> loop.SeedResult:
     """Stage 1: BPR-MF on ``domain``'s train rows."""
     check_names(data)
-    device = loop.resolve_device(cfg.device)
+    device = distributed.device_for(loop.resolve_device(cfg.device))
     d = data.domain_index(domain)
     domain, lo, hi = data.domains[d], data.item_offsets[d], data.item_offsets[d + 1]
     conf = stage_configs(cfg)[MF]
@@ -135,7 +165,7 @@ def run_mf(
     opt = BPRRowStep(model.emb.data, model.n_users, cfg.lr, cfg.reg, kind="adam")
     gen = loop.generator(device, seed, 300 + d)
     sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
-    if resume and out.state.is_file():
+    if resume and world.rank0s(out.state.is_file(), device):  # every rank reads rank 0's resume state
         t = _restore(out, sched, gen, {"domain": domain}, model.tensors())
         opt.load_state_tensors({k[len("row") :]: v for k, v in t.items() if k.startswith("rowopt.")})
     sel = data.train_domain == d
@@ -144,7 +174,10 @@ def run_mf(
 
     def step(idx: torch.Tensor) -> torch.Tensor:
         u = tu[idx]
-        return opt.step(u, ti[idx] - lo, sampler(u, torch.full_like(u, d), gen) - lo)
+        j = sampler(u, torch.full_like(u, d), gen)  # for the whole global batch: alike on every rank
+        if world.size > 1:  # the touched rows' gradients of the shares summed, as BPRMF's
+            return opt.step(u, ti[idx] - lo, j - lo, part=world.part(len(u)), reduce=world.sum_)
+        return opt.step(u, ti[idx] - lo, j - lo)
 
     _fit(
         out,
@@ -158,6 +191,7 @@ def run_mf(
         lambda _loss: {domain: baseline_valid_score(model, data, domain)},
         label,
         progress,
+        world=world,
     )
     return sched.result(label, seed, out.best, timer, {domain: sched.best}, {"domain": domain})
 
@@ -187,10 +221,19 @@ def load_cat(path: Path, data: Dataset, mf_sha: dict, dim: int, device) -> CatAu
     return cat
 
 
-def run_cat(cfg: CatArtConfig, data: Dataset, run_dir: Path, seed: int, *, resume=False, progress=None):
+def run_cat(
+    cfg: CatArtConfig,
+    data: Dataset,
+    run_dir: Path,
+    seed: int,
+    *,
+    resume=False,
+    progress=None,
+    world: distributed.World = distributed.SINGLE,
+):
     """Stage 2: CAT on the frozen stage-1 user tables of every domain."""
     check_names(data)
-    device = loop.resolve_device(cfg.device)
+    device = distributed.device_for(loop.resolve_device(cfg.device))
     sdir = layout.seed_dir(run_dir, seed)
     blocks, _, mf_sha = stage1_tables(cfg, data, sdir, device)
     blocks = blocks.transpose(0, 1).contiguous()  # (U, N, d)
@@ -205,7 +248,7 @@ def run_cat(cfg: CatArtConfig, data: Dataset, run_dir: Path, seed: int, *, resum
     gen = loop.generator(device, seed, 350)
     sched = loop.Schedule(cfg.cat_epochs, cfg.cat_patience, 1)
     params = lambda: {k: v.detach() for k, v in cat.state_dict().items()}  # noqa: E731
-    if resume and out.state.is_file():
+    if resume and world.rank0s(out.state.is_file(), device):
         t = _restore(out, sched, gen, {"mf_sha256": mf_sha}, params())
         load_torch_optimizer_tensors(opt, names, t)
     weights = (cfg.cl_weight, cfg.rec_weight, cfg.rec_weight)
@@ -213,8 +256,12 @@ def run_cat(cfg: CatArtConfig, data: Dataset, run_dir: Path, seed: int, *, resum
 
     def step(idx: torch.Tensor) -> torch.Tensor:
         x = cat.inputs(blocks[idx], has[idx])
-        which = torch.randint(n_dom, (len(idx),), generator=gen, device=device)
-        return _descend(opt, cat.loss(x, which, cfg.temperature, weights)[0])
+        which = torch.randint(n_dom, (len(idx),), generator=gen, device=device)  # the whole global batch's
+        if world.size == 1:
+            return _descend(opt, cat.loss(x, which, cfg.temperature, weights)[0])
+        part = world.part(len(idx))  # every rank encodes the whole batch (the negatives), takes its anchors
+        loss = cat.loss(x, which, cfg.temperature, weights, part)[0] if part[1] > part[0] else x.new_zeros(())
+        return _descend_part(opt, loss, list(cat.parameters()), world)
 
     _fit(
         out,
@@ -229,16 +276,25 @@ def run_cat(cfg: CatArtConfig, data: Dataset, run_dir: Path, seed: int, *, resum
         CAT,
         progress,
         by_loss=True,
+        world=world,
     )
     return sched.result(CAT, seed, out.best, timer, {}, {"domain": "cat"})
 
 
 def run_art(
-    cfg: CatArtConfig, data: Dataset, run_dir: Path, seed: int, domain: str, *, resume=False, progress=None
+    cfg: CatArtConfig,
+    data: Dataset,
+    run_dir: Path,
+    seed: int,
+    domain: str,
+    *,
+    resume=False,
+    progress=None,
+    world: distributed.World = distributed.SINGLE,
 ) -> loop.SeedResult:
     """Stage 3: ART for target ``domain``, from the stage-1 tables and the frozen CAT."""
     check_names(data)
-    device = loop.resolve_device(cfg.device)
+    device = distributed.device_for(loop.resolve_device(cfg.device))
     d = data.domain_index(domain)
     domain, lo, hi = data.domains[d], data.item_offsets[d], data.item_offsets[d + 1]
     sdir = layout.seed_dir(run_dir, seed)
@@ -263,9 +319,11 @@ def run_art(
         model.z.copy_(cat.encoder(x))  # the global part's input: the frozen encoder of the full x
     names = [n for n, _ in model.named_parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # the parameters a step gives gradients (one domain: no attention), the ones summed over the ranks
+    used = [p for n, p in model.named_parameters() if model.sources or not n.startswith("attention.")]
     gen = loop.generator(device, seed, 400 + d)
     sched = loop.Schedule(cfg.epochs, cfg.patience, cfg.eval_every)
-    if resume and out.state.is_file():
+    if resume and world.rank0s(out.state.is_file(), device):
         t = _restore(out, sched, gen, {"domain": domain, "cat_sha256": cat_sha}, model.tensors())
         load_torch_optimizer_tensors(opt, names, t)
     sel = data.train_domain == d
@@ -275,7 +333,10 @@ def run_art(
     def step(idx: torch.Tensor) -> torch.Tensor:
         u = tu[idx]
         j = sampler(u, torch.full_like(u, d), gen)
-        return _descend(opt, model.objective(u, ti[idx] - lo, j - lo, cfg.reg, gen))
+        if world.size == 1:
+            return _descend(opt, model.objective(u, ti[idx] - lo, j - lo, cfg.reg, gen))
+        part = world.part(len(u))  # the dropout of the whole batch drawn, this rank's rows' loss
+        return _descend_part(opt, model.objective(u, ti[idx] - lo, j - lo, cfg.reg, gen, part), used, world)
 
     _fit(
         out,
@@ -289,15 +350,29 @@ def run_art(
         lambda _loss: {domain: baseline_valid_score(model, data, domain)},
         label,
         progress,
+        world=world,
     )
     return sched.result(label, seed, out.best, timer, {domain: sched.best}, {"domain": domain})
 
 
 def run_seed(
-    cfg: CatArtConfig, data: Dataset, run_dir: Path, seed: int, domains: list[str], *, resume=False, progress=None
+    cfg: CatArtConfig,
+    data: Dataset,
+    run_dir: Path,
+    seed: int,
+    domains: list[str],
+    *,
+    resume=False,
+    progress=None,
+    world: distributed.World = distributed.SINGLE,
 ) -> list[loop.SeedResult]:
-    """The three stages for one seed: BPR-MF on every domain, CAT, then ART on each of ``domains``."""
-    mf = [run_mf(cfg, data, run_dir, seed, d, resume=resume, progress=progress) for d in data.domains]
-    cat = run_cat(cfg, data, run_dir, seed, resume=resume, progress=progress)
-    art = [run_art(cfg, data, run_dir, seed, d, resume=resume, progress=progress) for d in domains]
+    """The three stages for one seed: BPR-MF on every domain, CAT, then ART on each of ``domains``.
+    Data-parallel, the ranks wait after stages 1 and 2 until rank 0 has written what the next one reads."""
+    kw = dict(resume=resume, progress=progress, world=world)
+    barrier = torch.zeros(1, device=distributed.device_for(loop.resolve_device(cfg.device)))
+    mf = [run_mf(cfg, data, run_dir, seed, d, **kw) for d in data.domains]
+    world.sum_(barrier)  # rank 0 has written the stage-1 checkpoints (one process: a no-op)
+    cat = run_cat(cfg, data, run_dir, seed, **kw)
+    world.sum_(barrier)  # and CAT's
+    art = [run_art(cfg, data, run_dir, seed, d, **kw) for d in domains]
     return [*mf, cat, *art]
