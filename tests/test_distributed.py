@@ -426,16 +426,19 @@ def test_rank_0_of_a_restart_says_so_and_warns_first(tiny_data, tmp_path, monkey
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
-def test_a_batch_smaller_than_the_world_is_refused_before_joining(tiny_data, tmp_path, rank):
+@pytest.mark.parametrize(
+    "command, option", [(("pretrain",), "--batch-size"), (("baseline", "cat-art"), "--cat-batch-size")]
+)
+def test_a_batch_smaller_than_the_world_is_refused_before_joining(tiny_data, tmp_path, rank, command, option):
     """As torchrun starts rank 0 and 1 of 3 (the refusal comes before any process group, so no rank waits
     for another): one line on rank 0, which names the option; the other ranks exit 1 silently."""
     env = {"WORLD_SIZE": "3", "RANK": rank, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}
-    r = run_cli("pretrain", "--data", tiny_data, "--run", tmp_path / "r", "--batch-size", "2", env=env)
+    r = run_cli(*command, "--data", tiny_data, "--run", tmp_path / "r", option, "2", env=env)
     assert r.exit_code == 1
     lines = r.stderr.splitlines()
     if rank == "0":
         assert lines == [
-            "error: 2 is smaller than the world size 3 (every rank needs a share of each batch) (--batch-size)"
+            f"error: 2 is smaller than the world size 3 (every rank needs a share of each batch) ({option})"
         ]
     else:
         assert lines == []

@@ -243,10 +243,9 @@ def join(
             then = "continues from the last resume state" if resume else "starts over (--resume would continue)"
             common.info(f"torchrun restart {count} of {allowed}: {then}")
     size = distributed.env_world_size()
-    if size > 1 and batch_size is not None:
-        distributed.World(0, size).check_batch(batch_size)
-    for option, batch in (more or {}).items():
-        if size > 1:
+    if size > 1:
+        batches = ({"--batch-size": batch_size} if batch_size is not None else {}) | (more or {})
+        for option, batch in batches.items():
             distributed.World(0, size).check_batch(batch, option)
     world = common.hold(distributed.joined(distributed.device_for(loop.resolve_device(cfg.device))))
     if not world.main:
