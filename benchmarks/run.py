@@ -305,24 +305,44 @@ def bench_recommend(work: Path, quick: bool) -> None:
 
 
 def bench_baselines(work: Path, quick: bool) -> None:
+    """Each baseline in its own child process (``--baseline-child``), so that each has its own peak RSS: its rows,
+    then that child's wall time and peak RSS."""
     from uclr_cli import registry
+
+    data = amazon_data(work, quick)
+    for name in registry.BASELINES:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-child", name, "--work", str(work)]
+        cmd += ["--child-data", str(data)]
+        wall, rss, text = child(cmd, work, capture=True)
+        ROWS.extend(tuple(r) for r in json.loads(text.strip().splitlines()[-1]))
+        what = {"ga-mtcdr": "the estimate's walk round and steps", "herograph": "one epoch with validation"}
+        row(
+            f"baseline {name}: child wall / peak RSS ({what.get(name, '2 epochs with validation')})",
+            f"{wall:.0f} s / {rss:.2f} GB",
+        )
+
+
+def _baseline_child(name: str, path: str, work: Path) -> None:
+    """Child process of `baselines`: measure baseline ``name`` on ``path``; print its rows as one JSON line."""
     from uclr_cli.config import BaselineConfig
     from uclr_cli.data.dataset import load_prepared
     from uclr_cli.stages import baseline
 
-    data = load_prepared(amazon_data(work, quick))
-    d = "books"
-    n = int((data.train_domain == data.domain_index(d)).sum())
-    for name in registry.BASELINES:
-        if name in ("cat-art", "ga-mtcdr", "herograph"):
-            continue  # their stages: bench_cat_art, bench_ga_mtcdr, bench_herograph
+    data = load_prepared(Path(path))
+    if name == "cat-art":
+        bench_cat_art(data, work)
+    elif name == "ga-mtcdr":
+        bench_ga_mtcdr(data)
+    elif name == "herograph":
+        bench_herograph(data, work)
+    else:
+        d = "books"
+        n = int((data.train_domain == data.domain_index(d)).sum())
         speeds = []  # training only (the epoch's validation is not timed); the faster of 2 epochs
         cfg = BaselineConfig(model=name, epochs=2, device="cpu")  # defaults: m=128, batch 2048, 4 negatives, 3 layers
         baseline.run_domain(cfg, data, work / "bench-baselines", 0, d, progress=lambda e: speeds.append(n / e.epoch_s))
         row(f"baseline {name} {d}, s/epoch ({n:,} train rows)", f"{n / max(speeds):.2f} s")
-    bench_cat_art(data, work)
-    bench_ga_mtcdr(data)
-    bench_herograph(data, work)
+    print(json.dumps(ROWS))
 
 
 def bench_herograph(data, work: Path) -> None:
@@ -758,31 +778,65 @@ def bench_scaling(work: Path, quick: bool) -> None:
             )
 
 
+#: the data-parallel commands the `distributed` section runs, in order (contrast and finetune read the
+#: pretrain of the same run folder): label, CLI arguments after `uclr_cli`, run folder suffix
+DIST_COMMANDS = (
+    ("pretrain", ["pretrain"], ""),
+    ("contrast", ["contrast"], ""),
+    ("finetune books", ["finetune", "--domain", "books"], ""),
+    ("baseline bprmf books", ["baseline", "bprmf", "--domain", "books"], "-bprmf"),
+    ("baseline cat-art books", ["baseline", "cat-art", "--domain", "books", "--cat-epochs", "2"], "-cat-art"),
+)
+#: a progress line: its stage (and domain) and the global samples/s of that epoch
+_PROGRESS = r"^(\S+(?: [a-z][\w-]*)?) seed=\d+ epoch=\d+/\d+ .* ([\d,]+)/s"
+
+
 def bench_distributed(work: Path, quick: bool) -> None:
-    """`uclr pretrain` under `torchrun --standalone` at W = 1 and 2 ranks (gloo on CPU, NCCL on a GPU machine):
-    global training samples/s of the last epoch (validation off), each rank on one thread."""
+    """The data-parallel commands under `torchrun --standalone` at W = 1 and 2 ranks (gloo on CPU, NCCL on a GPU
+    machine), 2 epochs, validation only after the last, each rank on one thread: every stage's global training
+    samples/s in its last epoch, and the command's peak RSS (the largest process of the torchrun tree)."""
     import re
 
     data = amazon_data(work, quick)
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
+    speed: dict[tuple[str, int], float] = {}
+    rss: dict[tuple[str, int], float] = {}
+    stages: dict[str, list[str]] = {}
     try:
-        speed = {}
         for w in (1, 2):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={w}"]
-            cmd += ["-m", "--", "uclr_cli", "pretrain", "--data", str(data), "--run", str(work / f"dist-w{w}")]
-            cmd += ["--epochs", "2", "--eval-every", "1000", "--save-every", "1000", "--seeds", "0"]
-            _, _, out = child(cmd, work, capture=True)
-            speed[w] = float(re.findall(r" ([\d,]+)/s", out)[-1].replace(",", ""))
+            for label, args, suffix in DIST_COMMANDS:
+                run = work / f"dist-w{w}{suffix}"
+                if label == "pretrain" or suffix:  # a fresh run folder (contrast and finetune read pretrain's)
+                    shutil.rmtree(run, ignore_errors=True)
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={w}"]
+                cmd += ["-m", "--", "uclr_cli", *args, "--data", str(data), "--run", str(run)]
+                cmd += ["--epochs", "2", "--eval-every", "1000", "--seeds", "0"]
+                if label == "pretrain":
+                    cmd += ["--save-every", "1000"]
+                _, rss[label, w], out = child(cmd, work, capture=True)
+                found = dict(re.findall(_PROGRESS, out, flags=re.M))  # the last epoch's line of each stage
+                stages[label] = list(found)
+                for stage, value in found.items():
+                    speed[stage, w] = float(value.replace(",", ""))
     finally:
         if env_threads is None:
             os.environ.pop("OMP_NUM_THREADS")
         else:
             os.environ["OMP_NUM_THREADS"] = env_threads
-    row("pretrain under torchrun, W=1 (1 thread), samples/s", f"{speed[1]:,.0f}", "reference")
-    row(
-        "pretrain under torchrun, W=2 (1 thread each), samples/s", f"{speed[2]:,.0f}", "", f"{speed[2] / speed[1]:.2f}x"
-    )
+    for label, _, _ in DIST_COMMANDS:
+        for stage in stages[label]:
+            one, two = speed[stage, 1], speed.get((stage, 2), float("nan"))
+            row(
+                f"torchrun {stage}: samples/s, W=1 / W=2 (1 thread each)",
+                f"{one:,.0f} / {two:,.0f}",
+                "",
+                f"{two / one:.2f}x",
+            )
+        row(
+            f"torchrun {label}: peak RSS of the largest rank, W=1 / W=2",
+            f"{rss[label, 1]:.2f} / {rss[label, 2]:.2f} GB",
+        )
 
 
 SECTIONS = {
@@ -815,12 +869,17 @@ def main() -> None:
     ap.add_argument("--pretrain-child", default=None, help=argparse.SUPPRESS)  # scaling: one child per scale
     ap.add_argument("--child-optimizer", default=None, help=argparse.SUPPRESS)  # None: the library's default
     ap.add_argument("--child-epochs", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--baseline-child", default=None, help=argparse.SUPPRESS)  # baselines: one child per model
+    ap.add_argument("--child-data", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     from uclr_cli.malloc import keep_freed_memory
 
     keep_freed_memory()  # as the CLI does: in-process sections measure what `uclr` gets
     if args.pretrain_child:
         _pretrain_child(args.pretrain_child, args.child_optimizer, args.child_epochs)
+        return
+    if args.baseline_child:
+        _baseline_child(args.baseline_child, args.child_data, Path(args.work))
         return
     OPTS.budget, OPTS.e2e_optimizer = args.budget, args.e2e_optimizer
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="uclr-bench-"))
